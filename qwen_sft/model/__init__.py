@@ -1,0 +1,1 @@
+"""Model construction helpers (tiny Qwen3-MoE models for tests, demo and CPU trials)."""

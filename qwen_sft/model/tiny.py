@@ -1,0 +1,138 @@
+"""A loadable Qwen3-MoE model directory with the Qwen3-Coder architecture scaled down.
+
+    qwen-sft make-tiny-model ./tiny-qwen3-moe --layers 2 --hidden 64 --experts 8 --active 2
+
+Same module layout, vocabulary (151,936 embedding rows) and tokenizer as
+Qwen3-Coder-30B-A3B-Instruct; only the sizes shrink. Weights are random (seeded), so the
+directory is a stand-in for the real model in tests, the demo and CPU dry runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_sft.atomic import atomic_dir
+
+VOCAB_ROWS = 151_936
+
+
+@dataclass
+class TinySpec:
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    experts: int = 8
+    active: int = 2
+    moe_intermediate: int = 32
+    max_positions: int = 4096
+    seed: int = 0
+
+
+def tiny_config(spec: TinySpec):
+    """A ``Qwen3MoeConfig`` with Qwen3-Coder's structure (qk-norm, untied embeddings, no shared expert)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=VOCAB_ROWS,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.moe_intermediate * 2,
+        moe_intermediate_size=spec.moe_intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        num_experts=spec.experts,
+        num_experts_per_tok=spec.active,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=spec.max_positions,
+        rope_theta=10_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        router_aux_loss_coef=0.0,
+        output_router_logits=False,
+        bos_token_id=None,
+        eos_token_id=151645,
+        pad_token_id=151643,
+        use_cache=True,
+        dtype="bfloat16",
+    )
+
+
+def build_tiny_model(spec: TinySpec):
+    """Instantiate the tiny model with seeded random weights (fp32 in memory)."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = Qwen3MoeForCausalLM(tiny_config(spec))
+    # Routers start at zero in transformers' init; give them random weights so routing is non-trivial.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "weight"):
+                gate.weight.normal_(0.0, 0.5)
+    return model
+
+
+def make_tiny_model(out_dir: str | os.PathLike, spec: TinySpec | None = None, tokenizer: str | None = None,
+                    dtype: str = "bfloat16") -> Path:
+    """Write config, safetensors weights, generation config and the tokenizer into ``out_dir``."""
+    import torch
+    from transformers import GenerationConfig
+
+    from qwen_sft.tokenizer import load_tokenizer, offline_tokenizer_dir
+
+    spec = spec or TinySpec()
+    model = build_tiny_model(spec).to(getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        GenerationConfig(
+            pad_token_id=151643, eos_token_id=[151645, 151643], do_sample=False
+        ).save_pretrained(tmp)
+        if tokenizer is None:
+            for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+                shutil.copy(offline_tokenizer_dir() / name, tmp / name)
+        else:
+            load_tokenizer(tokenizer).save_pretrained(tmp)
+        (tmp / "tiny_spec.json").write_text(json.dumps(spec.__dict__, indent=2), encoding="utf-8")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = TinySpec()
+    p = argparse.ArgumentParser(
+        prog="qwen-sft make-tiny-model",
+        description="Write a tiny random-weight Qwen3-MoE model with Qwen3-Coder's architecture and tokenizer.",
+        epilog="example: qwen-sft make-tiny-model ./tiny-qwen3-moe --layers 2 --hidden 64 --experts 8 --active 2",
+    )
+    p.add_argument("out", help="output directory")
+    p.add_argument("--layers", type=int, default=defaults.layers)
+    p.add_argument("--hidden", type=int, default=defaults.hidden)
+    p.add_argument("--heads", type=int, default=defaults.heads)
+    p.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
+    p.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    p.add_argument("--experts", type=int, default=defaults.experts)
+    p.add_argument("--active", type=int, default=defaults.active, help="experts per token (top-k)")
+    p.add_argument("--moe-intermediate", type=int, default=defaults.moe_intermediate)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to save with it (default: the offline-built Qwen3-Coder tokenizer)")
+    a = p.parse_args(argv)
+    if a.active > a.experts:
+        p.error(f"--active ({a.active}) cannot exceed --experts ({a.experts})")
+    spec = TinySpec(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
+                    experts=a.experts, active=a.active, moe_intermediate=a.moe_intermediate, seed=a.seed)
+    out = make_tiny_model(a.out, spec, tokenizer=a.tokenizer, dtype=a.dtype)
+    print(f"wrote {out}")
+    return 0
