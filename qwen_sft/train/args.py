@@ -1,0 +1,198 @@
+"""Typed training configuration: the seed recipe's flags plus all of transformers' ``TrainingArguments``.
+
+Each field's ``help`` is the CLI help (``python train.py --help``); a flat YAML file with the same keys
+is the serialized form (``qwen-sft train configs/train/qlora_tiny.yaml``). Options that contradict each
+other are rejected in ``__post_init__`` with a message naming both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Defaults the recipe changes on top of transformers' TrainingArguments, and why:
+TRAINING_DEFAULTS: dict[str, object] = {
+    # Our collators emit exactly the model inputs (position_ids included); column removal keyed on a
+    # PeftModel's **kwargs signature would drop position_ids and silently un-pack the batch.
+    "remove_unused_columns": False,
+    # PeftModel hides the labels argument from Trainer's signature inspection.
+    "label_names": ["labels"],
+    "logging_steps": 1,
+    "report_to": "none",
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="Qwen/Qwen3-Coder-30B-A3B-Instruct",
+        metadata={"help": "Hugging Face model id or local directory (e.g. one written by `qwen-sft make-tiny-model`)."},
+    )
+    torch_dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16", metadata={"help": "Dtype the weights are loaded in. fp32 only when asked: 2x the memory."}
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    peft_config_path: str = field(
+        default="configs/lora/adapter_config.json",
+        metadata={"help": "peft adapter_config.json giving r, lora_alpha, lora_dropout and target_modules. Expert "
+                          "names (gate_proj/up_proj/down_proj) are mapped onto the fused expert parameters."},
+    )
+    use_qlora: bool = field(
+        default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes) and train LoRA on it. "
+                                         "Implies --use_peft."}
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16", metadata={"help": "Dtype 4-bit matmuls compute in."}
+    )
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants."})
+    use_flash_attention: bool = field(
+        default=False, metadata={"help": "flash_attention_2 (must be installed); otherwise sdpa."}
+    )
+    train_router: bool = field(
+        default=False, metadata={"help": "Also train the MoE router (mlp.gate). Frozen by default: a drifting "
+                                         "router re-assigns tokens the experts were never tuned for."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Router load-balancing loss weight (default: the model config's, 0.0 for "
+                                        "Qwen3-Coder). When > 0 router logits are produced and aux_loss is logged."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Hugging Face cache for downloaded models (the scripts use ./.cache)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub. Off by default."})
+
+    def __post_init__(self) -> None:
+        if self.use_qlora:
+            self.use_peft = True
+        if self.use_qlora and self.torch_dtype == "float32" and self.bnb_4bit_compute_dtype != "float32":
+            raise ValueError(f"use_qlora with torch_dtype=float32 but bnb_4bit_compute_dtype="
+                             f"{self.bnb_4bit_compute_dtype}: choose one precision for the non-quantized layers")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="processed/sft_train.jsonl",
+        metadata={"help": "Tokenized training data: JSONL {input_ids, label}, .parquet or .arrow (Arrow IPC file)."},
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Tokenized evaluation data, same formats."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Longest sample in tokens. Longer ones are dropped and counted "
+                                        "(--strict: error; --truncate_source: cut to this length)."}
+    )
+    truncate_source: bool = field(
+        default=False, metadata={"help": "Cut over-long samples to model_max_length instead of dropping them."}
+    )
+    strict: bool = field(default=False, metadata={"help": "Fail on over-long samples instead of dropping them."})
+    packing: bool = field(
+        default=True, metadata={"help": "Padding-free packing: the micro-batch's samples are concatenated into one "
+                                        "row with position_ids restarting per sample. false: pad to the longest."}
+    )
+    data_cache_dir: str = field(
+        default=".cache/qwen_sft/data",
+        metadata={"help": "Where JSONL/Parquet data is converted once into memory-mappable Arrow files."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.strict and self.truncate_source:
+            raise ValueError("strict=True (fail on over-long samples) contradicts truncate_source=True "
+                             "(cut them): choose one")
+        if self.model_max_length < 2:
+            raise ValueError(f"model_max_length must be >= 2, got {self.model_max_length}")
+
+
+@dataclass
+class RunArguments:
+    dry_run: bool = field(
+        default=False, metadata={"help": "Parse and validate config and data, print the plan, load no model."}
+    )
+    loss_curve: bool = field(default=True, metadata={"help": "Write loss_curve.png into output_dir at the end."})
+
+
+@dataclass
+class Config:
+    """Everything a run needs, plus where each explicitly set value came from (flag, config file, override)."""
+
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    training: object  # transformers.TrainingArguments (imported lazily: it pulls in torch)
+    origins: dict[str, str]
+
+
+def _parser():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    return HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+
+
+def _finish(values: dict[str, object], origins: dict[str, str]) -> Config:
+    for key, value in TRAINING_DEFAULTS.items():
+        if key not in values:
+            values[key] = value
+            origins.setdefault(key, "recipe default")
+    values.setdefault("output_dir", "output")
+    model, data, run, training = _parser().parse_dict(values, allow_extra_keys=False)
+    return Config(model, data, run, training, origins)
+
+
+def _flag_keys(argv: list[str]) -> list[str]:
+    return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
+
+
+def parse_flags(argv: list[str]) -> Config:
+    """``python train.py --model_name_or_path … --output_dir …`` (the seed recipe's interface)."""
+    explicit = set(_flag_keys(argv))
+    origins = {k: "flag" for k in explicit}
+    argv = list(argv)
+    for key, value in {**TRAINING_DEFAULTS, "output_dir": "output"}.items():
+        if key not in explicit:
+            argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+            origins[key] = "recipe default"
+    model, data, run, training = _parser().parse_args_into_dataclasses(args=argv)
+    return Config(model, data, run, training, origins)
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``key=value`` with the value read as YAML, so ``3``, ``1e-4``, ``true`` and ``[a, b]`` keep their types."""
+    import yaml
+
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not key=value (example: learning_rate=1e-4)")
+    key, raw = item.split("=", 1)
+    return key.strip().lstrip("-").replace("-", "_"), yaml.safe_load(raw) if raw else ""
+
+
+def parse_yaml(path: str, overrides: list[str]) -> Config:
+    """``qwen-sft train CONFIG.yaml [key=value …]``: flat YAML whose keys are the flags of ``train.py``."""
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        loaded = yaml.safe_load(fh) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, found {type(loaded).__name__}")
+    values = dict(loaded)
+    origins = {k: f"config {path}" for k in loaded}
+    for item in overrides:
+        key, value = parse_override(item)
+        values[key] = value
+        origins[key] = "override"
+    known = {f for cls in _parser().dataclass_types for f in cls.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; see `python train.py --help` for the list")
+    return _finish(values, origins)
+
+
+def describe(config: Config) -> list[str]:
+    """One line per explicitly set value, naming where it came from."""
+    lines = []
+    for key, origin in sorted(config.origins.items()):
+        for obj in (config.model, config.data, config.run, config.training):
+            if hasattr(obj, key):
+                lines.append(f"  {key} = {getattr(obj, key)!r}  ({origin})")
+                break
+    return lines
