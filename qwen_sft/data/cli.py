@@ -1,0 +1,193 @@
+"""Convert raw SFT data of any common shape into validated ChatML JSONL (optionally tokenized).
+
+    python convert_to_chatml.py ./raw                                  # → processed/sft_train.jsonl
+    python convert_to_chatml.py ./raw -o out.jsonl -s "You are a helpful coding assistant."
+    python convert_to_chatml.py ./raw --split --eval_ratio 0.1 --seed 42   # → out_train.jsonl, out_eval.jsonl
+    python convert_to_chatml.py data.jsonl --map user=Q --map assistant=A
+    python convert_to_chatml.py ./raw --tokenize -m offline --max_len 2048
+    python convert_to_chatml.py -input_dir ./raw -output_dir ./raw_converted -merge   # legacy forms
+    qwen-sft convert ./raw                                             # the same, as a verb
+
+Reads parse → validate → build → run → save; the work lives in qwen_sft/data/. See docs/convert.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qwen_sft.data.convert import StrictError, convert_inputs, convert_per_file, scratch_file, split_lines
+from qwen_sft.data.options import ConvertOptions, FieldMap
+from qwen_sft.data.readers import file_format, find_inputs
+from qwen_sft.data.report import print_summary
+
+DEFAULT_OUTPUT = "./processed/sft_train.jsonl"
+DEFAULT_MODEL = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_to_chatml.py", allow_abbrev=False,
+                                description="Convert raw SFT data (JSONL, JSON, Parquet, CSV/TSV, .gz) to ChatML JSONL.")
+    p.add_argument("input", nargs="?", help="input file or directory (searched recursively, sorted order)")
+    p.add_argument("-o", "--output", help=f"output ChatML JSONL (default {DEFAULT_OUTPUT})")
+    p.add_argument("-s", "--system", help="system prompt added only to records without one (no default)")
+    p.add_argument("--split", action="store_true", help="write <base>_train.jsonl and <base>_eval.jsonl")
+    p.add_argument("--eval_ratio", type=float, default=0.1, help="eval share with --split (default 0.1)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the --split draw (default 42)")
+    p.add_argument("--map", action="append", default=[], metavar="TARGET=PATH",
+                   help="field map replacing shape detection: user=, assistant=, system= (repeatable, joined by a "
+                        "blank line), messages=, conversations=, tools=; dotted paths like instances.0.input")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit code 1)")
+    p.add_argument("--reasoning", default="drop", choices=("drop", "keep", "reject"),
+                   help="reasoning content parts: drop (default; Qwen3-Coder never thinks aloud), keep as text, reject")
+    p.add_argument("--wrap_raw_arguments", metavar="KEY",
+                   help="keep tool-call arguments that are not a JSON object as {KEY: value} instead of rejecting")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("-t", "--tokenize", action="store_true", help="also tokenize: output holds input_ids/label")
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"tokenizer with --tokenize (default {DEFAULT_MODEL})")
+    p.add_argument("--max_len", type=int, default=2048, help="max tokens per sample with --tokenize (default 2048)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow the tokenizer's own code (off by default)")
+    legacy = p.add_argument_group("legacy flags (the original script's spelling)")
+    legacy.add_argument("-input_path", "--input_path", dest="input_path", help="= INPUT")
+    legacy.add_argument("-output_path", "--output_path", dest="output_path", help="= -o")
+    legacy.add_argument("-input_dir", "--input_dir", dest="input_dir", help="= INPUT")
+    legacy.add_argument("-output_dir", "--output_dir", dest="output_dir", help="one output per input file in here")
+    legacy.add_argument("-merge", "--merge", dest="merge", action="store_true", help="with -output_dir: also merge all")
+    legacy.add_argument("-merge_output", "--merge_output", dest="merge_output", help="merged file (default -o)")
+    legacy.add_argument("-system_prompt", "--system_prompt", dest="system_prompt", help="= -s")
+    return p
+
+
+def _pick(problems: list[str], pairs: list[tuple[str, str | None]]) -> str | None:
+    """One value from several spellings of the same option; two different values is a conflict."""
+    given = [(name, v) for name, v in pairs if v is not None]
+    if len({v for _, v in given}) > 1:
+        problems.append(" and ".join(f"{n} {v!r}" for n, v in given) + " conflict; give one")
+    return given[0][1] if given else None
+
+
+def per_file_outputs(root: Path, inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """raw/a/b.json.gz → out_dir/a/b.jsonl; two inputs landing on one output is an error naming both."""
+    pairs, seen = [], {}
+    for src in inputs:
+        rel = src.relative_to(root) if root.is_dir() else Path(src.name)
+        name = rel.name
+        for _ in range(2 if name.lower().endswith(".gz") else 1):
+            name = name.rsplit(".", 1)[0]
+        dst = out_dir / rel.parent / f"{name}.jsonl"
+        if dst in seen:
+            raise ValueError(f"{seen[dst]} and {src} would both be written to {dst}; rename one")
+        seen[dst] = src
+        pairs.append((src, dst))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problems: list[str] = []
+    # ---- parse: the new and the legacy spellings of each option
+    source = _pick(problems, [("INPUT", args.input), ("-input_path", args.input_path), ("-input_dir", args.input_dir)])
+    output = Path(_pick(problems, [("-o", args.output), ("-output_path", args.output_path)]) or DEFAULT_OUTPUT)
+    system = _pick(problems, [("-s", args.system), ("-system_prompt", args.system_prompt)])
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    # ---- validate everything before reading data or loading a tokenizer
+    if source is None:
+        problems.append("no input: give a file or directory, e.g. `python convert_to_chatml.py ./raw`")
+    elif not Path(source).exists():
+        problems.append(f"input {source!r} does not exist")
+    elif Path(source).is_file() and file_format(Path(source)) is None:
+        problems.append(f"{source!r}: unsupported file type (.jsonl, .json, .traj, .parquet, .csv, .tsv, or .gz of them)")
+    if args.split and not 0 < args.eval_ratio < 1:
+        problems.append(f"--eval_ratio must be between 0 and 1, found {args.eval_ratio}")
+    if out_dir is not None and (args.split or args.tokenize):
+        problems.append("-output_dir (one output per input) cannot be combined with --split or --tokenize; use -o")
+    if (args.merge or args.merge_output) and out_dir is None:
+        problems.append("-merge/-merge_output need -output_dir (without it every input is merged into -o anyway)")
+    if args.max_len < 16:
+        problems.append(f"--max_len must be at least 16, found {args.max_len}")
+    try:
+        fmap = FieldMap.parse(args.map) if args.map else None
+        opts = ConvertOptions(system=system, field_map=fmap, reasoning=args.reasoning,
+                              wrap_raw_arguments=args.wrap_raw_arguments, strict=args.strict,
+                              progress=False if args.no_progress else None)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        print("convert_to_chatml: " + "\n  ".join(["cannot start:", *problems]), file=sys.stderr)
+        return 2
+    root = Path(source)
+    base = output.parent / (output.stem if output.suffix else output.name)
+    rejects = base.parent / f"{base.name}.rejects.jsonl"
+    train, evaluation = Path(f"{base}_train.jsonl"), Path(f"{base}_eval.jsonl")
+    chatml = {p: p.parent / f"{p.stem}.chatml.jsonl" for p in (output, train, evaluation)}
+    if out_dir is not None:
+        rejects = out_dir.resolve().parent / f"{out_dir.resolve().name}.rejects.jsonl"
+    own = {output, rejects, train, evaluation, *chatml.values()}
+    tokenize = None
+    if args.tokenize:  # fail early: the tokenizer must load before any record is converted
+        from qwen_sft.tokenizer import TokenizerLoadError, load_tokenizer
+
+        try:
+            from qwen_sft.tokenize.pipeline import tokenize_chatml_file
+
+            load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        except (TokenizerLoadError, ImportError, ValueError) as err:
+            print(f"convert_to_chatml: --tokenize: {err}", file=sys.stderr)
+            return 1
+        tokenize = tokenize_chatml_file
+    inputs, skipped = find_inputs(root, {p.resolve() for p in own})
+    for path in skipped:
+        print(f"skipped (not a data file or one of this run's outputs): {path}", file=sys.stderr)
+    if not inputs:
+        print(f"convert_to_chatml: no data files under {root} (.jsonl, .json, .traj, .parquet, .csv, .tsv, .gz)",
+              file=sys.stderr)
+        return 1
+    print(f"{len(inputs)} input file(s) from {root}; system prompt: "
+          f"{'-s/--system (only where none)' if system else 'none added'}; shapes: "
+          f"{'--map ' + ' '.join(args.map) if args.map else 'detected per record'}", file=sys.stderr)
+    # ---- run
+    written: list[Path] = []
+    try:
+        if out_dir is not None:
+            merged = Path(args.merge_output or output) if args.merge or args.merge_output else None
+            pairs = per_file_outputs(root, inputs, out_dir)
+            stats = convert_per_file(pairs, opts, rejects, merged)
+            written = [dst for _, dst in pairs] + ([merged] if merged else [])
+        elif args.split:
+            with scratch_file(output) as tmp:
+                stats = convert_inputs(inputs, tmp, opts, rejects)
+                dst_train, dst_eval = (chatml[train], chatml[evaluation]) if tokenize else (train, evaluation)
+                n_train, n_eval = split_lines(tmp, sum(s.written for s in stats), dst_train, dst_eval, args.eval_ratio, args.seed)
+            print(f"split (seed {args.seed}, eval_ratio {args.eval_ratio}): {n_train} train, {n_eval} eval",
+                  file=sys.stderr)
+            written = [dst_train, dst_eval]
+        else:
+            stats = convert_inputs(inputs, chatml[output] if tokenize else output, opts, rejects)
+            written = [chatml[output] if tokenize else output]
+    except StrictError as err:
+        print(f"convert_to_chatml: --strict: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"convert_to_chatml: {err}", file=sys.stderr)
+        return 1
+    total_written = print_summary(stats, written, None if args.strict else rejects)
+    if total_written == 0:
+        print("convert_to_chatml: no record could be converted; the rejects file says why", file=sys.stderr)
+        return 1
+    # ---- save the tokenized form
+    if tokenize is not None:
+        targets = [(chatml[train], train), (chatml[evaluation], evaluation)] if args.split else [(chatml[output], output)]
+        for src, dst in targets:
+            try:
+                result = tokenize(src, dst, model=args.model, max_len=args.max_len,
+                                  trust_remote_code=args.trust_remote_code)
+            except ValueError as err:
+                print(f"convert_to_chatml: --tokenize {src}: {err}", file=sys.stderr)
+                return 1
+            print(f"tokenized {src} → {dst}: {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The convert pipeline: files → records → ChatML lines, rejects with their reasons, counts per file.
+
+    from qwen_sft.data.convert import convert_inputs
+    stats = convert_inputs([Path("raw/a.jsonl")], Path("processed/sft_train.jsonl"), ConvertOptions())
+
+Every record read is written or rejected (``read == written + rejected`` per file, checked at the end).
+Outputs are written through ``atomic_open``: a killed run leaves the previous file or none, never a part.
+Output bytes depend only on the input bytes and options: files in sorted order, keys in a fixed order, orjson
+(Unicode kept as is, no spaces), so two runs give identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import orjson
+from tqdm import tqdm
+
+from qwen_sft.atomic import atomic_open
+from qwen_sft.data.messages import BadRecord
+from qwen_sft.data.options import ConvertOptions
+from qwen_sft.data.readers import read_records
+from qwen_sft.data.shapes import to_messages
+from qwen_sft.data.validate import build_record
+
+PROGRESS_EVERY = 1024  # records between progress-bar updates; tqdm per record would cost more than converting
+
+
+class StrictError(Exception):
+    """--strict: the first bad record, with the same message that the rejects file would hold."""
+
+
+@dataclass
+class FileStats:
+    path: Path
+    read: int = 0
+    written: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+    notes: Counter = field(default_factory=Counter)  # dropped reasoning, trailing turns, ... -> count
+    blank_lines: int = 0
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+def reject_line(path: Path, kind: str, pos: int, err: BadRecord, raw: object) -> bytes:
+    row = {"file": str(path), kind: pos, "reason": err.reason, "detail": err.detail, "record": raw}
+    try:
+        return orjson.dumps(row, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n"
+    except TypeError:  # e.g. a lone surrogate or an integer past 64 bits from the json fallback
+        return orjson.dumps({**row, "record": repr(raw)}) + b"\n"
+
+
+def convert_file(
+    path: Path, opts: ConvertOptions, sinks: list[IO[bytes]], rejects: IO[bytes] | None, bar: tqdm | None
+) -> FileStats:
+    """Stream one file's records into every sink; bad ones go to ``rejects`` (or raise StrictError)."""
+    stats = FileStats(path)
+    counts: dict[str, int] = {}
+    kind, items = read_records(path, counts)
+    notes, system, dumps = stats.notes, opts.system, orjson.dumps
+    pending = 0
+    for pos, value, err, raw in items:
+        stats.read += 1
+        if err is None:
+            try:
+                messages, tools = to_messages(value, notes, opts)
+                line = dumps(build_record(messages, tools, system, notes)) + b"\n"
+            except BadRecord as bad:
+                err = bad
+            except TypeError as exc:  # orjson: a string with a lone surrogate cannot be UTF-8
+                err = BadRecord("unserializable", str(exc))
+        if err is None:
+            for sink in sinks:
+                sink.write(line)
+            stats.written += 1
+        else:
+            if opts.strict:
+                raise StrictError(f"{path}:{kind} {pos}: {err.reason}: {err.detail}")
+            stats.rejected[err.reason] += 1
+            if rejects is not None:
+                rejects.write(reject_line(path, kind, pos, err, raw if value is None else value))
+        pending += 1
+        if bar is not None and pending >= PROGRESS_EVERY:
+            bar.update(pending)
+            pending = 0
+    if bar is not None:
+        bar.update(pending)
+    stats.blank_lines = counts.get("blank_lines", 0)
+    if stats.read != stats.written + stats.n_rejected:  # cannot happen by construction; never ship it silently
+        raise AssertionError(f"{path}: read {stats.read} != written {stats.written} + rejected {stats.n_rejected}")
+    return stats
+
+
+def _bar(opts: ConvertOptions) -> tqdm:
+    disable = None if opts.progress is None else not opts.progress  # None: only on a terminal
+    return tqdm(unit=" rows", unit_scale=True, disable=disable, desc="convert", dynamic_ncols=True, mininterval=0.5)
+
+
+def convert_inputs(inputs: list[Path], output: Path, opts: ConvertOptions, rejects: Path | None = None) -> list[FileStats]:
+    """All inputs merged into one ChatML file (and one rejects file), both written atomically."""
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(atomic_open(output, "wb"))
+        rej = None if opts.strict or rejects is None else stack.enter_context(atomic_open(rejects, "wb"))
+        bar = stack.enter_context(_bar(opts))
+        return [convert_file(path, opts, [out], rej, bar) for path in inputs]
+
+
+def convert_per_file(
+    pairs: list[tuple[Path, Path]], opts: ConvertOptions, rejects: Path, merged: Path | None = None
+) -> list[FileStats]:
+    """The legacy ``-input_dir/-output_dir`` form: one output per input, plus everything in ``merged``."""
+    with contextlib.ExitStack() as stack:
+        rej = None if opts.strict else stack.enter_context(atomic_open(rejects, "wb"))
+        merged_out = stack.enter_context(atomic_open(merged, "wb")) if merged is not None else None
+        bar = stack.enter_context(_bar(opts))
+        stats = []
+        for src, dst in pairs:
+            with atomic_open(dst, "wb") as out:
+                stats.append(convert_file(src, opts, [out] + ([merged_out] if merged_out else []), rej, bar))
+        return stats
+
+
+def eval_count(n: int, ratio: float) -> int:
+    """round(n × ratio), but at least one eval and one train record whenever there are two or more."""
+    k = round(n * ratio)
+    return min(max(k, 1), n - 1) if n >= 2 else 0
+
+
+def split_lines(src: Path, n: int, train: Path, evaluation: Path, ratio: float, seed: int) -> tuple[int, int]:
+    """Stream ``src`` (n lines) into train/eval. Held in memory: one bit per record, plus the eval indexes
+    while they are drawn (``random.Random(seed).sample``). Both files keep the input order."""
+    chosen = random.Random(seed).sample(range(n), eval_count(n, ratio))
+    bits = bytearray((n + 7) // 8)
+    for i in chosen:
+        bits[i >> 3] |= 1 << (i & 7)
+    n_eval = len(chosen)
+    del chosen
+    with open(src, "rb") as fh, atomic_open(train, "wb") as tr, atomic_open(evaluation, "wb") as ev:
+        for i, line in enumerate(fh):
+            (ev if bits[i >> 3] >> (i & 7) & 1 else tr).write(line)
+    return n - n_eval, n_eval
+
+
+@contextlib.contextmanager
+def scratch_file(near: Path) -> Iterator[Path]:
+    """A temporary file beside ``near`` (same filesystem, hidden so no directory scan reads it), always removed."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{near.name}.", suffix=".tmp", dir=near.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)

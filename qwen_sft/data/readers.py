@@ -1,0 +1,190 @@
+"""Find input files and stream their records, each with its position (line, array index or CSV line).
+
+Formats: ``.jsonl``; ``.json`` / ``.traj`` (an array, one object, or JSON Lines under that name); ``.parquet``;
+``.csv`` / ``.tsv``; and ``.gz`` of every text format. A record that cannot be read (invalid JSON, invalid UTF-8,
+not an object) is yielded as a ``BadRecord`` so the caller counts and rejects it; a file that breaks mid-way
+(truncated gzip) yields one ``unreadable_file`` reject at the position where it broke.
+
+Memory: JSONL, CSV and Parquet stream (one line, row or 1024-row batch at a time). A ``.json`` file is read
+whole, since a JSON array cannot be parsed piecewise with orjson; use JSON Lines for data larger than RAM.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from qwen_sft.data.messages import BadRecord, type_name
+
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".traj": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+BOM = b"\xef\xbb\xbf"
+# (position, record or None, error or None, the raw record for the rejects file when it did not parse)
+Item = tuple[int, Any, BadRecord | None, Any]
+
+
+def file_format(path: Path) -> str | None:
+    """``x.jsonl.gz`` → ``jsonl``; ``None`` for files this stage does not read (README.md, images, ...)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] == ".gz":
+        fmt = FORMATS.get(suffixes[0]) if len(suffixes) == 2 else None
+        return None if fmt == "parquet" else fmt
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def find_inputs(root: Path, exclude: set[Path]) -> tuple[list[Path], list[Path]]:
+    """(inputs, skipped): a file, or every readable file under a directory in sorted relative-path order.
+
+    Hidden files and folders (``.git``, our own ``.x.tmp`` files) and the run's own outputs are never read.
+    """
+    if root.is_file():
+        return ([root], []) if root.resolve() not in exclude else ([], [root])
+    found, skipped = [], []
+    for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if file_format(path) is None or path.resolve() in exclude:
+            skipped.append(path)
+        else:
+            found.append(path)
+    return found, skipped
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+def _raw(line: bytes) -> str:
+    # Invalid UTF-8 is kept visible as \\xNN escapes, so the rejects file loses no byte of the record.
+    return line.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+
+
+def parse_line(line: bytes) -> tuple[Any, BadRecord | None]:
+    """orjson first; Python's json only for what orjson refuses but is valid JSON (integers past 64 bits)."""
+    try:
+        return orjson.loads(line), None
+    except orjson.JSONDecodeError as err:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as uerr:
+            return None, BadRecord("invalid_utf8", f"byte {uerr.start}: {uerr.reason}")
+        try:
+            return json.loads(text, parse_constant=_no_constant), None
+        except (ValueError, RecursionError):
+            return None, BadRecord("invalid_json", str(err))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _as_item(pos: int, value: Any, err: BadRecord | None, raw: bytes) -> Item:
+    if err is not None:
+        return pos, None, err, _raw(raw)
+    if not isinstance(value, dict):
+        return pos, value, BadRecord("not_an_object", f"a record must be a JSON object, found {type_name(value)}"), None
+    return pos, value, None, None
+
+
+def read_jsonl(lines: Iterator[bytes], counts: dict[str, int]) -> Iterator[Item]:
+    for lineno, line in enumerate(lines, 1):
+        if lineno == 1 and line.startswith(BOM):
+            line = line[3:]
+        if not line or line.isspace():
+            counts["blank_lines"] = counts.get("blank_lines", 0) + 1
+            continue
+        value, err = parse_line(line)
+        yield _as_item(lineno, value, err, line)
+
+
+def read_json(data: bytes, counts: dict[str, int]) -> tuple[str, Iterator[Item]]:
+    """A whole .json file: an array (positions are indexes), one object, or JSON Lines (positions are lines)."""
+    data = data[3:] if data.startswith(BOM) else data
+    value, err = parse_line(data)
+    if err is None:
+        if isinstance(value, list):
+            return "index", (_as_item(i, v, None, b"") for i, v in enumerate(value))
+        return "index", iter([_as_item(0, value, None, b"")])
+    first = data.lstrip().split(b"\n", 1)[0]
+    if parse_line(first)[1] is None:  # the first line is a whole value: JSON Lines under a .json name
+        return "line", read_jsonl(iter(data.splitlines(keepends=True)), counts)
+    return "index", iter([(0, None, err, _raw(data[:4096]))])
+
+
+def read_csv(path: Path, delimiter: str) -> Iterator[Item]:
+    # surrogateescape keeps a bad byte from ending the whole file; the row holding it is rejected below.
+    with _open(path) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        yield from _csv_rows(csv.DictReader(text, delimiter=delimiter))
+
+
+def _csv_rows(reader: csv.DictReader) -> Iterator[Item]:
+    start = 2  # line 1 is the header
+    for row in reader:
+        pos, start = start, reader.line_num + 1
+        if None in row:
+            yield pos, row, BadRecord("csv_extra_fields", f"{len(row[None])} more fields than the header"), None
+            continue
+        try:
+            for v in row.values():
+                if v is not None and not v.isascii():
+                    v.encode("utf-8")
+        except UnicodeEncodeError as uerr:
+            raw = {k: (v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if v else v)
+                   for k, v in row.items()}
+            yield pos, None, BadRecord("invalid_utf8", f"character {uerr.start}: {uerr.reason}"), raw
+            continue
+        yield pos, row, None, None
+
+
+def read_parquet(path: Path) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield index, row, None, None
+            index += 1
+
+
+def read_records(path: Path, counts: dict[str, int]) -> tuple[str, Iterator[Item]]:
+    """(position kind, items) for one file. ``counts`` collects blank lines, which are not records."""
+    fmt = file_format(path)
+    if fmt == "parquet":
+        return "index", _guard(read_parquet(path))
+    if fmt in ("csv", "tsv"):
+        csv.field_size_limit(2**31 - 1)  # a 100 MB cell is data, not an attack on us
+        return "line", _guard(read_csv(path, "," if fmt == "csv" else "\t"))
+    if fmt == "json":
+        with _open(path) as fh:
+            try:
+                data = fh.read()
+            except (OSError, EOFError, zlib.error) as err:
+                return "index", iter([(0, None, BadRecord("unreadable_file", str(err)), None)])
+        kind, items = read_json(data, counts)
+        return kind, items
+    return "line", _guard(_read_jsonl_file(path, counts))
+
+
+def _read_jsonl_file(path: Path, counts: dict[str, int]) -> Iterator[Item]:
+    with _open(path) as fh:
+        yield from read_jsonl(fh, counts)
+
+
+def _guard(items: Iterator[Item]) -> Iterator[Item]:
+    """Turn a file that breaks mid-way (truncated gzip, corrupt parquet) into one reject at the break."""
+    pos = 0
+    try:
+        for item in items:
+            pos = item[0]
+            yield item
+    except (OSError, EOFError, zlib.error, csv.Error, ValueError) as err:
+        yield pos + 1, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None

@@ -1,0 +1,64 @@
+"""Validate a converted conversation once, whatever shape it came from, and build the output record.
+
+Rules (each broken rule is a reject reason counted in the summary):
+    unknown role / non-string content ............ wrong_type, unknown_role
+    a system message anywhere but first .......... system_not_first
+    empty user or system text .................... empty_content
+    empty assistant text without tool calls ...... empty_assistant   (never trained on)
+    tool calls on a non-assistant message ........ tool_calls_on_non_assistant
+    a tool result with no assistant call before .. tool_without_call
+    no assistant turn with text or tool calls .... no_assistant_turn
+Turns after the last assistant turn are dropped (counted as trailing_turns_dropped): the loss covers only
+assistant turns, so a trailing user or tool message would cost tokens and teach nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from qwen_sft.data.messages import ROLES, BadRecord, type_name
+
+
+def validate(messages: list[dict], notes: Counter) -> list[dict]:
+    """Check the rules above; returns the messages with trailing non-assistant turns removed."""
+    if not messages:
+        raise BadRecord("no_messages", "the conversation is empty")
+    last_assistant = -1
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadRecord("unknown_role", f"message {i} has role {role!r}")
+        if not isinstance(content, str):
+            raise BadRecord("wrong_type", f"message {i} ({role}): content is {type_name(content)}")
+        if role == "system" and i != 0:
+            raise BadRecord("system_not_first", f"message {i} is a system message; only the first may be")
+        calls = m.get("tool_calls")
+        if calls and role != "assistant":
+            raise BadRecord("tool_calls_on_non_assistant", f"message {i} ({role}) has tool_calls")
+        if role == "tool":
+            prev = messages[i - 1] if i else None
+            if prev is None or not (prev["role"] == "tool" or prev.get("tool_calls")):
+                raise BadRecord("tool_without_call", f"message {i} is a tool result with no assistant tool call before it")
+        elif not content.strip() and not calls:
+            # Tool output may be legitimately empty (a command that printed nothing); nothing else may.
+            reason = "empty_assistant" if role == "assistant" else "empty_content"
+            raise BadRecord(reason, f"message {i} ({role}) has empty content")
+        if role == "assistant":
+            last_assistant = i
+    if last_assistant < 0:
+        raise BadRecord("no_assistant_turn", "no assistant message with text or tool calls")
+    if last_assistant < len(messages) - 1:
+        notes["trailing_turns_dropped"] += len(messages) - 1 - last_assistant
+        messages = messages[: last_assistant + 1]
+    return messages
+
+
+def build_record(messages: list[dict], tools: list[dict], system: str | None, notes: Counter) -> dict:
+    """``{"messages": [...]}`` plus ``"tools"`` when there are any; ``system`` goes only where none is."""
+    if system is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+        notes["system_added"] += 1
+    record: dict = {"messages": validate(messages, notes)}
+    if tools:
+        record["tools"] = tools
+    return record
