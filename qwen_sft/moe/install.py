@@ -1,0 +1,142 @@
+"""One entry point that converts a loaded Qwen3-MoE model to the expert engine.
+
+    from qwen_sft.moe import ExpertLoraSpec, install_expert_engine
+    report = install_expert_engine(model, quantize_experts=True, double_quant=True,
+                                   lora=ExpertLoraSpec(r=8, alpha=16), compute_dtype=torch.bfloat16,
+                                   device="cuda")
+    print(report.summary())
+
+Each layer's ``mlp.experts`` (``Qwen3MoeExperts``, fused 3-D ``gate_up_proj``/``down_proj``) is replaced,
+one layer at a time, by an :class:`ExpertEngine`; with ``quantize_experts`` its 16-bit weights are
+moved to ``device`` (if given), quantized to NF4 there, and released before the next layer, so the
+accelerator never holds more than one 16-bit expert layer. Call it BEFORE ``peft.get_peft_model``
+(attention LoRA): peft then leaves the engine's ``lora_*`` factors trainable and never wraps experts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qwen_sft.moe.experts import ExpertEngine
+from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpertLoraSpec:
+    """LoRA on every expert: per-expert rank ``r`` (peft's meaning for target_parameters), scale alpha / r."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dtype: torch.dtype = torch.float32  # trainable factors in fp32, like peft's autocast_adapter_dtype
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"ExpertLoraSpec.r must be positive, got r={self.r}")
+
+
+@dataclass
+class EngineReport:
+    layers: int = 0
+    expert_weights: int = 0  # base weights held by the experts
+    storage_bytes: int = 0  # bytes holding them (packed NF4 + scales, or 16-bit)
+    quantized: bool = False
+    double_quant: bool = False
+    lora_params: int = 0
+    paths: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return self.storage_bytes / max(self.expert_weights, 1)
+
+    def summary(self) -> str:
+        kind = ("NF4" + (" + double-quant scales" if self.double_quant else "")) if self.quantized else "16-bit frozen"
+        return (f"expert engine: {self.layers} layers, {self.expert_weights:,} expert weights as {kind}, "
+                f"{self.storage_bytes / 2**30:.3f} GiB ({self.bytes_per_weight:.4f} bytes/weight), "
+                f"expert LoRA params {self.lora_params:,}")
+
+
+def _is_stock_experts(module: nn.Module) -> bool:
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
+
+
+def _find_expert_parents(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path of the MoE block, block) for every block whose ``experts`` child is a stock fused experts module."""
+    found, problems = [], []
+    for name, module in model.named_modules():
+        child = getattr(module, "experts", None)
+        if not isinstance(child, nn.Module):
+            continue
+        if isinstance(child, ExpertEngine):
+            problems.append(f"{name}.experts already has the expert engine installed")
+        elif type(child).__name__ == "ParamWrapper":
+            problems.append(f"{name}.experts is wrapped by peft target_parameters; install the engine before peft")
+        elif _is_stock_experts(child):
+            found.append((name, module))
+    if problems:
+        raise ValueError("cannot install the expert engine:\n  " + "\n  ".join(problems))
+    if not found:
+        raise ValueError("no fused MoE experts (mlp.experts.gate_up_proj / down_proj, transformers>=5) in this model")
+    return found
+
+
+def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_quant: bool = True,
+                          lora: ExpertLoraSpec | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                          device: str | torch.device | None = None, blocksize: int = 64,
+                          chunk_experts: int = 32) -> EngineReport:
+    """Replace every ``mlp.experts`` with an :class:`ExpertEngine`; see the module docstring for the order."""
+    config = getattr(model, "config", None)
+    hidden_act = getattr(config, "hidden_act", "silu")
+    if chunk_experts <= 0:
+        raise ValueError(f"chunk_experts must be positive, got {chunk_experts=}")
+    blocks = _find_expert_parents(model)  # validates everything before the first layer is touched
+    report = EngineReport(quantized=quantize_experts, double_quant=quantize_experts and double_quant)
+    for name, block in blocks:
+        old = block.experts
+        stores = []
+        for attr in ("gate_up_proj", "down_proj"):
+            w = getattr(old, attr).detach()
+            if device is not None:
+                w = w.to(device)
+            stores.append(NF4Experts.quantize(w, blocksize=blocksize, double_quant=double_quant)
+                          if quantize_experts else DenseExperts(w))
+            report.expert_weights += w.numel()
+            del w
+        engine = ExpertEngine(*stores, hidden_act=hidden_act, chunk_experts=chunk_experts)
+        engine.compute_dtype = compute_dtype
+        if lora is not None:
+            engine.add_lora(lora.r, lora.alpha, dtype=lora.dtype, seed=lora.seed + report.layers)
+            report.lora_params += sum(p.numel() for n, p in engine.named_parameters() if n.startswith("lora_"))
+        block.experts = engine
+        # Drop the 16-bit originals now so the next layer can reuse their memory.
+        old.gate_up_proj = old.down_proj = None
+        del old
+        if quantize_experts and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        report.layers += 1
+        report.storage_bytes += engine.storage_bytes()
+        report.paths.append(f"{name}.experts")
+    log.info(report.summary())
+    return report
+
+
+def trainable_parameter_groups(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts by group (attention LoRA, expert LoRA, other) — for logs and tests."""
+    groups = {"expert_lora": 0, "attention_lora": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".experts.lora_" in name:
+            groups["expert_lora"] += p.numel()
+        elif "lora_" in name:
+            groups["attention_lora"] += p.numel()
+        else:
+            groups["other"] += p.numel()
+    return groups

@@ -1,0 +1,169 @@
+"""Expert LoRA factors <-> peft's ``target_parameters`` adapter layout, and adapter save/load.
+
+    from qwen_sft.moe import save_adapter, load_expert_adapter
+    save_adapter(model, "outputs/run/adapter")          # PeftModel (attention LoRA) or bare model + engine
+    load_expert_adapter(model_with_engine, "outputs/run/adapter")
+
+Layout written (peft 0.21 ``ParamWrapper``, ``target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"]``; the first listed is wrapped innermost, hence ``base_layer.``):
+
+    base_model.model.<layer>.mlp.experts.base_layer.lora_A.weight   [E*r, H]    gate_up A, expert-major rows
+    base_model.model.<layer>.mlp.experts.base_layer.lora_B.weight   [2I, r*E]   gate_up B, columns k*E + e
+    base_model.model.<layer>.mlp.experts.lora_A.weight              [E*r, I]    down A
+    base_model.model.<layer>.mlp.experts.lora_B.weight              [H, r*E]    down B
+
+so a stock transformers model + ``PeftModel.from_pretrained`` (or vLLM) loads the adapter unmerged and
+gives the same logits. ``ParamWrapper.get_delta_factors`` is the reference for the reshapes below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen_sft.atomic import atomic_dir
+from qwen_sft.moe.experts import ExpertEngine
+
+log = logging.getLogger(__name__)
+
+TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Key infixes per (our factor) in the nested ParamWrapper layout.
+_PEFT_KEYS = {
+    "lora_gate_up_A": "base_layer.lora_A.weight",
+    "lora_gate_up_B": "base_layer.lora_B.weight",
+    "lora_down_A": "lora_A.weight",
+    "lora_down_B": "lora_B.weight",
+}
+
+
+def factors_to_peft(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Our ``A [E, r, in]`` / ``B [E, out, r]`` -> peft's ``lora_A.weight [E*r, in]`` / ``lora_B.weight [out, r*E]``."""
+    if name.endswith("_A"):
+        return t.reshape(-1, t.shape[-1]).contiguous()
+    e, out, r = t.shape
+    return t.permute(1, 2, 0).reshape(out, r * e).contiguous()
+
+
+def factors_from_peft(name: str, t: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Inverse of :func:`factors_to_peft`."""
+    if name.endswith("_A"):
+        return t.reshape(num_experts, -1, t.shape[-1])
+    out = t.shape[0]
+    return t.reshape(out, -1, num_experts).permute(2, 0, 1).contiguous()
+
+
+def expert_engines(model: nn.Module) -> dict[str, ExpertEngine]:
+    """Engine modules by their path inside the transformers model (PeftModel prefixes stripped)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertEngine):
+            found[name.removeprefix("base_model.model.")] = module
+    return found
+
+
+def expert_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Expert LoRA factors in peft's target_parameters layout, keyed as peft's adapter files are."""
+    out = {}
+    for path, eng in expert_engines(model).items():
+        if not eng.has_lora:
+            continue
+        for ours, infix in _PEFT_KEYS.items():
+            out[f"base_model.model.{path}.{infix}"] = factors_to_peft(ours, getattr(eng, ours).detach()).cpu()
+    return out
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` holding attention LoRA (when ``model``
+    is a PeftModel) and the expert factors, atomically. Returns the directory.
+
+    peft's own ``save_pretrained`` would silently drop the expert factors (it keeps only keys containing
+    the adapter name), which is the bug other tools shipped; so always save through this function.
+    """
+    from safetensors.torch import load_file, save_file
+
+    engines = {p: e for p, e in expert_engines(model).items() if e.has_lora}
+    if not engines:
+        raise ValueError("no expert LoRA to save: install_expert_engine(..., lora=ExpertLoraSpec(...)) first")
+    ranks = {(e.lora_rank, e.lora_alpha) for e in engines.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"expert LoRA layers disagree on (r, alpha): {sorted(ranks)}")
+    (r, alpha), = ranks
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tensors: dict[str, torch.Tensor] = {}
+        if _is_peft_model(model):
+            model.save_pretrained(tmp)
+            tensors = load_file(str(tmp / "adapter_model.safetensors"))
+            cfg = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
+            if (cfg["r"], float(cfg["lora_alpha"])) != (r, alpha) or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+                raise ValueError(
+                    f"attention LoRA (r={cfg['r']}, alpha={cfg['lora_alpha']}) and expert LoRA ({r=}, {alpha=}) "
+                    "must share r and alpha to be written as one peft adapter; use the same values for both"
+                )
+        else:
+            from peft import LoraConfig
+
+            cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[], target_parameters=TARGET_PARAMETERS,
+                             base_model_name_or_path=base_model_name_or_path).to_dict()
+            cfg = json.loads(json.dumps(cfg, default=list))
+        if cfg.get("lora_dropout"):
+            # peft's ParamWrapper refuses lora_dropout != 0; dropout is a training-time op, so loading for
+            # inference or merging with 0 computes exactly the trained function.
+            log.warning("adapter_config: lora_dropout %s -> 0.0 (peft cannot load expert LoRA with dropout)",
+                        cfg["lora_dropout"])
+            cfg["lora_dropout"] = 0.0
+        cfg["target_parameters"] = TARGET_PARAMETERS
+        experts = expert_state_dict(model)
+        tensors.update(experts)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+        log.info("saved adapter: %d tensors (%d expert factors for %d layers) to %s",
+                 len(tensors), len(experts), len(engines), out_dir)
+    return out_dir
+
+
+def load_expert_adapter(model: nn.Module, adapter_dir: str | Path, *, strict: bool = True) -> int:
+    """Copy the expert factors of a peft-layout adapter into the model's engines (adding LoRA where absent).
+
+    Returns the number of layers loaded. ``strict``: every engine must find its four tensors.
+    """
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    loaded, missing = 0, []
+    for path, eng in expert_engines(model).items():
+        keys = {ours: f"base_model.model.{path}.{infix}" for ours, infix in _PEFT_KEYS.items()}
+        absent = [k for k in keys.values() if k not in tensors]
+        if absent:
+            missing += absent
+            continue
+        if not eng.has_lora:
+            eng.add_lora(r, alpha, dtype=tensors[keys["lora_gate_up_A"]].dtype)
+        elif (eng.lora_rank, eng.lora_alpha) != (r, alpha):
+            raise ValueError(f"{path}: engine has r={eng.lora_rank}, alpha={eng.lora_alpha}; adapter has {r=}, {alpha=}")
+        with torch.no_grad():
+            for ours, key in keys.items():
+                param = getattr(eng, ours)
+                value = factors_from_peft(ours, tensors[key], eng.num_experts)
+                if value.shape != param.shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} != expected {tuple(param.shape)}")
+                param.copy_(value)
+        loaded += 1
+    if strict and missing:
+        raise ValueError(f"{adapter_dir}: {len(missing)} expert LoRA tensors missing, e.g. {missing[:2]}")
+    return loaded
