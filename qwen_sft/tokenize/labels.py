@@ -1,0 +1,74 @@
+"""The loss mask: which bytes of a rendered conversation are supervised, and which tokens that makes.
+
+Policy (shared/spec/README.md): each assistant turn's content — tool-call XML included — and its
+``<|im_end|>`` are supervised; the ``<|im_start|>assistant\\n`` header, the ``\\n`` after ``<|im_end|>``,
+system, user and tool turns are not. A message's own ``"loss": true|false`` overrides the policy for
+the turn that renders it.
+
+A token belongs to the span its *first byte* lies in. The only tokens that straddle a span edge are
+those where the header's ``\\n`` merges with content that starts with a newline (``"\\n" + "\\n"`` →
+token 271): such a token starts in the header, so it is not supervised — the header never is.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from qwen_sft.tokenize.render import Turn
+
+Policy = Literal["assistant", "last", "all"]
+POLICIES: tuple[str, ...] = ("assistant", "last", "all")
+IGNORE_INDEX = -100
+
+
+def supervised_spans(
+    turns: list[Turn], owners: list[list[int]], roles: list[str], flags: list[bool | None], policy: Policy
+) -> list[tuple[int, int]]:
+    """Byte spans [start, end) of the rendered text that are trained on.
+
+    ``owners[t]`` are the message indices turn ``t`` renders; ``roles``/``flags`` are per message.
+    ``"assistant"``: every assistant turn; ``"last"``: the last assistant turn only; ``"all"``: every
+    byte of every turn (headers and newlines included).
+    """
+    last = max((t for t, idx in enumerate(owners) if idx and roles[idx[0]] == "assistant"), default=-1)
+    spans: list[tuple[int, int]] = []
+    for t, (turn, idx) in enumerate(zip(turns, owners)):
+        is_assistant = bool(idx) and roles[idx[0]] == "assistant"
+        if policy == "all":
+            on = True
+        elif policy == "last":
+            on = t == last
+        else:
+            on = is_assistant
+        explicit = [flags[i] for i in idx if flags[i] is not None]
+        if explicit:
+            on = any(explicit)  # a grouped tool turn is trained on if any of its messages asks for it
+        if not on:
+            continue
+        if policy == "all":
+            nxt = turns[t + 1].start if t + 1 < len(turns) else turn.end + 1
+            spans.append((turn.start, nxt))
+        else:
+            spans.append((turn.body, turn.end))
+    return spans
+
+
+def token_starts(ids: np.ndarray, byte_len: np.ndarray) -> np.ndarray:
+    """Byte offset at which each token starts (byte-level BPE: tokens concatenate to the text's bytes)."""
+    lens = byte_len[ids]
+    starts = np.empty(len(ids) + 1, dtype=np.int64)
+    starts[0] = 0
+    np.cumsum(lens, out=starts[1:])
+    return starts
+
+
+def label_tokens(ids: np.ndarray, starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """``ids`` where the token's first byte is inside a span, ``IGNORE_INDEX`` elsewhere."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    first = starts[:-1]
+    for s, e in spans:
+        i0, i1 = np.searchsorted(first, (s, e), side="left")
+        labels[i0:i1] = ids[i0:i1]
+    return labels

@@ -1,0 +1,116 @@
+"""One ChatML record → (input_ids, label), or a RecordError with its reason.
+
+    from qwen_sft.tokenizer import load_tokenizer
+    st = SampleTokenizer(load_tokenizer("offline"))
+    sample = st.tokenize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+
+Render once with the template, tokenize once, label tokens by byte spans (labels.py), then apply the
+length rule: over-length samples are dropped, or — with ``overlength="truncate"`` — cut after the last
+whole turn that fits and still leaves a supervised token; only when no such turn boundary exists is the
+sample cut inside a turn, and a cut that would end inside a ``<tool_call>`` is moved back to just before
+that call (kept half calls are counted, never silent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from qwen_sft.tokenize.encoder import Encoder
+from qwen_sft.tokenize.labels import IGNORE_INDEX, Policy, label_tokens, supervised_spans, token_starts
+from qwen_sft.tokenize.render import RecordError, Renderer, align_turns, loss_flags, normalize_record, parse_turns
+
+Overlength = Literal["drop", "truncate"]
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # int32
+    label: np.ndarray  # int32, IGNORE_INDEX where not supervised
+    full_length: int  # tokens before any truncation
+    cut: str = ""  # "", "turn", "mid_turn" or "in_tool_call"
+
+
+class Overlong(Exception):
+    """The sample is longer than max_len and the policy drops it."""
+
+    def __init__(self, length: int, reason: str = "overlength") -> None:
+        super().__init__(f"{length} tokens")
+        self.length = length
+        self.reason = reason
+
+
+class SampleTokenizer:
+    """Template render + one-pass encode + byte-span labels for one record at a time."""
+
+    def __init__(
+        self, tok: Any, *, max_len: int = 2048, policy: Policy = "assistant", overlength: Overlength = "drop",
+        engine: str = "auto",
+    ) -> None:
+        self.tok = tok
+        self.max_len, self.policy, self.overlength = max_len, policy, overlength
+        self.renderer = Renderer(tok)
+        self.encoder = Encoder(tok, engine)
+        self.special = tuple(t.content for t in tok.added_tokens_decoder.values() if t.special)
+        vocab = tok.get_vocab()
+        self.call_open, self.call_close = vocab.get("<tool_call>", -1), vocab.get("</tool_call>", -1)
+
+    def render(self, record: Any) -> tuple[str, list[dict], list[dict] | None]:
+        messages, tools = normalize_record(record, self.special)
+        try:
+            text = self.renderer.render(messages, tools)
+        except Exception as err:  # noqa: BLE001 - jinja raises anything; the record is what is wrong
+            raise RecordError("template_error", f"the chat template failed: {type(err).__name__}: {err}") from None
+        return text, messages, tools
+
+    def verify(self, records: list[Any]) -> None:
+        """Check the compiled template and the fast encoder against the reference on real records."""
+        rendered = []
+        for record in records:
+            try:
+                rendered.append(self.render(record))
+            except RecordError:
+                continue
+        self.renderer.verify([(m, t) for _, m, t in rendered])
+        self.encoder.verify([text for text, _, _ in rendered])
+
+    def tokenize(self, record: Any) -> Sample:
+        text, messages, _ = self.render(record)
+        text = self.encoder.normalize(text)
+        data = text.encode()
+        turns = parse_turns(data)
+        owners = align_turns(turns, messages)
+        spans = supervised_spans(turns, owners, [m["role"] for m in messages], loss_flags(record), self.policy)
+        ids = np.asarray(self.encoder.encode(text), dtype=np.int32)
+        starts = token_starts(ids, self.encoder.byte_len)
+        if starts[-1] != len(data):
+            raise RecordError("tokenizer_bytes", f"tokens cover {starts[-1]} bytes of a {len(data)}-byte text")
+        labels = label_tokens(ids, starts, spans)
+        if not (labels != IGNORE_INDEX).any():
+            raise RecordError("no_supervised_tokens", f"policy {self.policy!r} and the loss flags leave nothing to train on")
+        if len(ids) <= self.max_len:
+            return Sample(ids, labels, len(ids))
+        if self.overlength == "drop":
+            raise Overlong(len(ids))
+        boundaries = np.searchsorted(starts[:-1], [t.start for t in turns[1:]], side="left")
+        return self._truncate(ids, labels, boundaries)
+
+    def _truncate(self, ids: np.ndarray, labels: np.ndarray, boundaries: np.ndarray) -> Sample:
+        supervised = np.cumsum(labels != IGNORE_INDEX)
+        for b in boundaries[::-1]:
+            if b <= self.max_len and supervised[b - 1] > 0:
+                return Sample(ids[:b], labels[:b], len(ids), "turn")
+        cut, kind = self.max_len, "mid_turn"
+        head = ids[:cut]
+        opens = np.flatnonzero(head == self.call_open)
+        if len(opens) and (head == self.call_close).sum() < len(opens):
+            back = int(opens[-1])  # before the unfinished <tool_call> (its "\n" is a separate token before it)
+            if back > 0 and supervised[back - 1] > 0:
+                cut = back
+            else:
+                kind = "in_tool_call"
+        if supervised[cut - 1] == 0:
+            raise Overlong(len(ids), "overlength_nothing_supervised_in_window")
+        return Sample(ids[:cut], labels[:cut], len(ids), kind)
