@@ -1,0 +1,218 @@
+"""Load Qwen3-MoE for training: dtype, attention, 4-bit quantization, LoRA on the fused experts, frozen router.
+
+    python -c "from qwen_sft.train.model import expert_memory_gib; from transformers import AutoConfig; \
+print(expert_memory_gib(AutoConfig.from_pretrained('../shared/spec/qwen3-coder-30b-a3b-instruct')))"
+
+transformers v5 keeps each layer's routed experts in one module ``mlp.experts`` with fused 3-D parameters
+``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``; the router ``mlp.gate`` is a bare ``weight [E, H]``.
+``apply_lora`` is the single place where adapters are attached: the MoE expert engine (qwen_sft/moe) plugs
+in there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+
+from qwen_sft.train.args import ModelArguments
+
+EXPERT_PARAMS = {"gate_up_proj", "down_proj"}
+# Seed adapter names of the per-expert Linear layers (transformers v4) → the fused v5 parameter.
+EXPERT_NAME_MAP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+ROUTER_SUFFIX = "mlp.gate"
+# Never quantized: the router (a few KB, and its argmax decides everything), embeddings, lm_head.
+NOT_QUANTIZED = ["gate", "lm_head", "embed_tokens"]
+
+
+def log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[qwen-sft train] {msg}", flush=True)
+
+
+def expert_memory_gib(config, bits: float = 16.0) -> float:
+    """Memory of all routed-expert weights at ``bits`` per weight, from the model config alone."""
+    moe_layers = [i for i in range(config.num_hidden_layers)
+                  if i not in (getattr(config, "mlp_only_layers", None) or [])
+                  and (i + 1) % getattr(config, "decoder_sparse_step", 1) == 0]
+    per_layer = config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    return len(moe_layers) * per_layer * bits / 8 / 2**30
+
+
+def _local_device() -> dict | None:
+    """Each torchrun rank keeps its own quantized copy on its own GPU (``LOCAL_RANK``)."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return None
+
+
+def attention_implementation(model_args: ModelArguments) -> str:
+    if not model_args.use_flash_attention:
+        return "sdpa"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        raise RuntimeError("use_flash_attention=True but flash-attn 2 is not installed (or no CUDA GPU): "
+                           "`pip install flash-attn --no-build-isolation`, or drop the flag to use sdpa")
+    return "flash_attention_2"
+
+
+def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False):
+    """The causal LM in ``torch_dtype`` (bf16 unless asked), ``use_cache=False``, 4-bit when ``use_qlora``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # use_cache=False: with a cache, packed rows attend across sample boundaries (see shared/spec).
+    config.use_cache = False
+    coef = model_args.router_aux_loss_coef
+    if coef is not None:
+        config.router_aux_loss_coef = coef
+    config.output_router_logits = bool(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    kwargs: dict = {"config": config, "dtype": getattr(torch, model_args.torch_dtype),
+                    "attn_implementation": attention_implementation(model_args),
+                    "cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
+    if model_args.use_qlora:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, model_args.bnb_4bit_compute_dtype),
+            bnb_4bit_quant_storage=getattr(torch, model_args.torch_dtype),
+            llm_int8_skip_modules=NOT_QUANTIZED)
+        kwargs["device_map"] = _local_device()
+        if getattr(config, "num_experts", 0):
+            log("!" * 100)
+            log(f"WARNING: bitsandbytes quantizes only nn.Linear layers; on transformers v5 the fused MoE experts "
+                f"stay in {model_args.torch_dtype}: {expert_memory_gib(config):.2f} GiB of expert weights instead "
+                f"of ~{expert_memory_gib(config, 4.5):.2f} GiB in NF4 (computed from the model config). The MoE "
+                f"expert engine (qwen_sft/moe) removes this cost once it lands.")
+            log("!" * 100)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if deepspeed_zero3:
+        mark_moe_leaf_modules(model)
+    return model
+
+
+def mark_moe_leaf_modules(model) -> int:
+    """ZeRO-3: gather a whole MoE block at once. Ranks route tokens to different experts, so per-expert
+    parameter fetches would differ between ranks and the all-gathers would hang."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = {type(m) for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")}
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
+    return len(classes)
+
+
+def read_lora_config(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    if not cfg.get("target_modules") and not cfg.get("target_parameters"):
+        raise ValueError(f"{path}: neither target_modules nor target_parameters is set; LoRA would train nothing")
+    return cfg
+
+
+def lora_targets(model, names: list[str]) -> tuple[list[str], list[str]]:
+    """Split adapter target names into Linear module names and fused expert parameter paths."""
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linear |= {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    fused = {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".mlp.experts." in n}
+    modules, params = [], []
+    for name in names:
+        if name in linear:
+            modules.append(name)
+        elif name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
+            params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")
+        elif name in fused:
+            params.append(f"mlp.experts.{name}")
+        else:
+            modules.append(name)  # peft reports names that match nothing
+    return modules, sorted(set(params))
+
+
+def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
+    """Attach LoRA: attention Linears via ``target_modules``, fused experts via ``target_parameters``."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = read_lora_config(model_args.peft_config_path)
+    modules, params = lora_targets(model, list(cfg.get("target_modules") or []))
+    params = sorted(set(params) | set(cfg.get("target_parameters") or []))
+    r, alpha, dropout = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 16)), float(cfg.get("lora_dropout", 0.0))
+    names = set(cfg.get("target_modules") or [])
+    rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
+    if {"gate_proj", "up_proj"} <= names:
+        # Two rank-r adapters (gate, up) become one on the fused [gate; up] matrix: rank 2r keeps the capacity,
+        # alpha 2·alpha keeps the alpha/r scale. This is also how peft 0.21 rewrites such adapter configs.
+        rank_pattern.setdefault("gate_up_proj", 2 * r)
+        alpha_pattern.setdefault("gate_up_proj", 2 * alpha)
+    if model_args.use_qlora or gradient_checkpointing:
+        # Checkpointed blocks need an input that requires grad, or the frozen base cuts the graph.
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0 if params else dropout, target_modules=modules,
+                      target_parameters=params or None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                      bias=cfg.get("bias", "none"), task_type="CAUSAL_LM",
+                      modules_to_save=["gate"] if model_args.train_router else None)
+    with warnings.catch_warnings():
+        # peft checks rank/alpha patterns against target_modules only and calls the gate_up_proj entry unused;
+        # the fused parameter does get rank 2r (tests/test_train_model.py checks the adapter shapes).
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
+        peft_model = get_peft_model(model, lora)
+    if params and dropout:
+        n = 0
+        for module in peft_model.modules():
+            drop = getattr(module, "lora_dropout", None)
+            if isinstance(drop, torch.nn.ModuleDict) and "default" in drop and type(module).__name__ != "ParamWrapper":
+                drop["default"] = torch.nn.Dropout(dropout)
+                n += 1
+        log(f"lora_dropout={dropout} applied to the {n} attention LoRA layers only: peft forbids dropout on fused "
+            f"expert parameters ({', '.join(params)}), so the expert adapters train without it")
+    return peft_model, {"target_modules": modules, "target_parameters": params, "r": r, "lora_alpha": alpha,
+                        "lora_dropout": dropout, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+
+
+def freeze_router(model, train_router: bool) -> None:
+    for name, p in model.named_parameters():
+        if ".mlp.gate." in name and "lora_" not in name:
+            p.requires_grad_(train_router)
+
+
+def parameter_group(name: str) -> str:
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp.experts." in name or ".mlp.experts" in name.rsplit(".", 2)[0]:
+        return "experts"
+    if ".mlp.gate." in name:
+        return "router"
+    return "other"
+
+
+def parameter_groups(model) -> dict[str, dict[str, int]]:
+    """Trainable and total parameter counts per group: attention, experts, router, other."""
+    groups = {g: {"trainable": 0, "total": 0} for g in ("attention", "experts", "router", "other")}
+    for name, p in model.named_parameters():
+        # 4-bit weights are packed two per byte into whatever storage dtype was chosen.
+        n = p.numel() * p.element_size() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+        g = groups[parameter_group(name)]
+        g["total"] += n
+        if p.requires_grad:
+            g["trainable"] += n
+    return groups
+
+
+def check_expert_targets(groups: dict[str, dict[str, int]], lora_info: dict | None) -> None:
+    """Fail when a config names expert projections and no expert parameter ended up trainable."""
+    if lora_info and lora_info["target_parameters"] and groups["experts"]["trainable"] == 0:
+        raise RuntimeError(f"the adapter config names expert projections ({lora_info['target_parameters']}) "
+                           "but no expert parameter is trainable: the model has no fused mlp.experts parameters "
+                           "of those names; check the model type and peft version")
+
+
+def format_groups(groups: dict[str, dict[str, int]]) -> list[str]:
+    total_t = sum(g["trainable"] for g in groups.values())
+    total = sum(g["total"] for g in groups.values())
+    lines = [f"  {name:<9} trainable {g['trainable']:>14,} of {g['total']:>16,}" for name, g in groups.items()]
+    lines.append(f"  {'all':<9} trainable {total_t:>14,} of {total:>16,} ({100 * total_t / max(total, 1):.4f}%)")
+    return lines
+

@@ -1,0 +1,183 @@
+"""One training run, top to bottom: validate config and data → load model → attach LoRA → train → save.
+
+Entry points: ``python train.py --flag value …`` and ``qwen-sft train CONFIG.yaml [key=value …]``
+(both build a ``Config`` and call ``run``). Nothing heavy is loaded until config, LoRA config and data
+have passed validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from qwen_sft.atomic import atomic_open
+from qwen_sft.train.args import Config, describe
+from qwen_sft.train.data import DataStats, load_tokenized
+from qwen_sft.train.model import (
+    apply_lora,
+    check_expert_targets,
+    format_groups,
+    freeze_router,
+    load_model,
+    log,
+    parameter_groups,
+    read_lora_config,
+)
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def setup_reporting(training) -> None:
+    """Never block on an interactive wandb login: without a key or login, log offline and say so."""
+    if "wandb" not in training.report_to:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        training.report_to = [r for r in training.report_to if r != "wandb"]
+        log("wandb is not installed: not reporting to wandb (pip install wandb)")
+        return
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        log(f"wandb runs in WANDB_MODE={mode}")
+    elif not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        log("no wandb API key (WANDB_API_KEY) or `wandb login` found: wandb logs offline into ./wandb; "
+            "upload later with `wandb sync`" + (" — TensorBoard logs as well" if "tensorboard" in
+                                                 training.report_to else ""))
+
+
+def resolve_resume(training) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    want = training.resume_from_checkpoint
+    if want in (None, "", "false", "False"):
+        return None
+    if want == "auto":
+        last = get_last_checkpoint(training.output_dir) if Path(training.output_dir).is_dir() else None
+        log(f"resume_from_checkpoint=auto → {last or 'no checkpoint in ' + training.output_dir + ', starting fresh'}")
+        return last
+    if not Path(want).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={want!r} is not a directory (use a checkpoint-N "
+                                f"directory or 'auto')")
+    return want
+
+
+def effective_config(config: Config) -> dict:
+    from transformers import TrainingArguments
+
+    defaults = TrainingArguments(output_dir=config.training.output_dir).to_dict()
+    training = {k: v for k, v in config.training.to_dict().items() if defaults.get(k) != v and not k.startswith("_")}
+    return {**asdict(config.model), **asdict(config.data), **asdict(config.run), **training}
+
+
+def write_artifacts(out: Path, config: Config, stats: dict, groups: dict | None, tokenizer) -> None:
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out / "train_config.yaml") as fh:
+        fh.write("# Effective configuration of this run; `qwen-sft train` reads it back.\n")
+        fh.write("".join(f"# {line.strip()}\n" for line in describe(config)))
+        yaml.safe_dump(effective_config(config), fh, sort_keys=False, allow_unicode=True)
+    with atomic_open(out / "data_stats.json") as fh:
+        json.dump(stats, fh, indent=2)
+    if groups is not None:
+        with atomic_open(out / "trainable_params.json") as fh:
+            json.dump(groups, fh, indent=2)
+    if tokenizer.chat_template:
+        with atomic_open(out / "chat_template.jinja") as fh:
+            fh.write(tokenizer.chat_template)
+
+
+def run(config: Config) -> dict:
+    """Train as configured; return the final training metrics (or the plan for ``dry_run``)."""
+    from transformers import AutoConfig
+
+    from qwen_sft.tokenizer import load_tokenizer
+
+    m, d, t = config.model, config.data, config.training
+    log("configuration (explicit values and where they came from):")
+    for line in describe(config):
+        log(line if "token" not in line.split("=")[0] else line.split("=")[0] + "= <hidden>")
+    # --- validate before loading any weights -------------------------------------------------------
+    model_config = AutoConfig.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir,
+                                              trust_remote_code=m.trust_remote_code)
+    tokenizer = load_tokenizer(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
+    if m.use_peft:
+        read_lora_config(m.peft_config_path)
+    if m.use_peft and t.gradient_checkpointing is None:
+        t.gradient_checkpointing = True
+        log("gradient_checkpointing=True (default for LoRA/QLoRA)")
+    if t.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and with the MoE's data-dependent routing.
+        t.gradient_checkpointing_kwargs = {"use_reentrant": False, **(t.gradient_checkpointing_kwargs or {})}
+    datasets, stats = {}, {}
+    with t.main_process_first(desc="convert and validate data"):
+        for split, path in (("train", d.data_path), ("eval", d.eval_data_path)):
+            if path:
+                ds = load_tokenized(path, vocab_size=model_config.vocab_size, max_len=d.model_max_length,
+                                    truncate=d.truncate_source, strict=d.strict, cache_dir=d.data_cache_dir)
+                datasets[split], stats[split] = ds, ds.stats.to_dict()
+                log(ds.stats.summary())
+    if not len(datasets["train"]):
+        raise ValueError(f"{d.data_path}: no training row left after validation ({datasets['train'].stats})")
+    resume = resolve_resume(t)
+    setup_reporting(t)
+    if config.run.dry_run:
+        log(f"dry run: config and data valid; would train {m.model_name_or_path} into {t.output_dir}")
+        return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats}
+    # --- build ---------------------------------------------------------------------------------------
+    model = load_model(m, model_config, deepspeed_zero3=_is_zero3(t))
+    coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+    model.router_aux_loss_coef = 0.0  # added by SFTTrainer, scaled for gradient accumulation
+    lora_info = None
+    if m.use_peft:
+        model, lora_info = apply_lora(model, m, bool(t.gradient_checkpointing))
+    freeze_router(model, m.train_router)
+    groups = parameter_groups(model)
+    log("parameters by group:")
+    for line in format_groups(groups):
+        log(line)
+    check_expert_targets(groups, lora_info)
+    out = Path(t.output_dir)
+    if t.process_index == 0:
+        write_artifacts(out, config, {**stats, "lora": lora_info}, groups, tokenizer)
+    # --- run -----------------------------------------------------------------------------------------
+    from qwen_sft.train.collate import make_collator
+    from qwen_sft.train.trainer import ArtifactsCallback, SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=t, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
+                         data_collator=make_collator(d.packing, tokenizer.pad_token_id),
+                         processing_class=tokenizer, router_aux_loss_coef=coef,
+                         callbacks=[ArtifactsCallback(out, config.run.loss_curve)])
+    result = trainer.train(resume_from_checkpoint=resume)
+    # --- save ----------------------------------------------------------------------------------------
+    trainer.save_model(str(out))
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+        with atomic_open(out / "train_results.json") as fh:
+            json.dump(result.metrics, fh, indent=2)
+    log(f"done: {result.global_step} optimizer steps, final train loss {result.training_loss:.4f}; saved to {out}")
+    return {**result.metrics, "global_step": result.global_step}
+
+
+def _is_zero3(training) -> bool:
+    ds = training.deepspeed
+    if not ds:
+        return False
+    cfg = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text(encoding="utf-8"))
+    return int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+__all__ = ["run", "DataStats"]

@@ -1,0 +1,121 @@
+"""The transformers ``Trainer`` with what SFT on an MoE needs on top: throughput, peak memory, router aux
+loss on its own, a loss-curve PNG, and the run's config / data statistics / chat template in every checkpoint.
+
+Used by ``qwen_sft.train.run``; see docs/train.md.
+
+Loss normalisation: the model receives ``num_items_in_batch`` (supervised targets over the whole
+gradient-accumulation window, summed over ranks) and divides the summed token losses by it, so every
+supervised token weighs the same however the tokens fall into micro-batches (tests/test_train_loss.py).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from qwen_sft.atomic import atomic_open
+
+ARTIFACTS = ("train_config.yaml", "data_stats.json", "trainable_params.json", "chat_template.jinja")
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, *args, router_aux_loss_coef: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self._tokens = self._supervised = 0
+        self._aux_sum, self._aux_n = 0.0, 0
+        self._last_log = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            self._supervised += int((inputs["labels"][..., 1:] != -100).sum())
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux is not None and self.router_aux_loss_coef > 0:
+            # The model's own `loss += coef * aux` is disabled (coef 0 on the model) because the LM loss arrives
+            # already divided by the accumulation window; a per-micro-batch aux term must be divided here too.
+            scale = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux.to(loss.device) / scale
+            self._aux_sum += float(aux.detach())
+            self._aux_n += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            counts = torch.tensor([self._tokens, self._supervised], dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:
+                counts = self.accelerator.reduce(counts, reduction="sum")
+            now = time.perf_counter()
+            elapsed = max(now - self._last_log, 1e-9)
+            logs["tokens_per_s"] = round(float(counts[0]) / elapsed, 1)
+            logs["supervised_tokens_per_s"] = round(float(counts[1]) / elapsed, 1)
+            logs["supervised_share"] = round(float(counts[1]) / max(float(counts[0]), 1.0), 4)
+            logs["peak_mem_gib"] = round(peak_memory_gib(), 3)
+            if self._aux_n:
+                logs["aux_loss"] = round(self._aux_sum / self._aux_n, 6)
+            self._tokens = self._supervised = 0
+            self._aux_sum, self._aux_n = 0.0, 0
+            self._last_log = now
+        super().log(logs, start_time)
+
+
+def plot_loss_curve(log_history: list[dict], out: Path) -> Path | None:
+    """loss (and eval_loss) against the optimizer step, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss", marker="." if len(train) < 50 else None)
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per supervised token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(out, "wb") as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
+    return out
+
+
+class ArtifactsCallback(TrainerCallback):
+    """Copy the run's artifacts into each checkpoint; draw the loss curve at the end."""
+
+    def __init__(self, artifacts_dir: Path, loss_curve: bool) -> None:
+        self.artifacts_dir, self.loss_curve = artifacts_dir, loss_curve
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                for name in ARTIFACTS:
+                    src = self.artifacts_dir / name
+                    if src.exists():
+                        shutil.copy(src, ckpt / name)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.loss_curve:
+            plot_loss_curve(state.log_history, Path(args.output_dir) / "loss_curve.png")
+            with atomic_open(Path(args.output_dir) / "log_history.json") as fh:
+                json.dump(state.log_history, fh, indent=1)
