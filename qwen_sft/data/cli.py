@@ -14,7 +14,9 @@ Reads parse → validate → build → run → save; the work lives in qwen_sft/
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from qwen_sft.data.convert import StrictError, convert_inputs, convert_per_file, scratch_file, split_lines
@@ -84,6 +86,21 @@ def per_file_outputs(root: Path, inputs: list[Path], out_dir: Path) -> list[tupl
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the conversion; SIGTERM unwinds like Ctrl-C so temporary files are removed, not left half-written."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    try:
+        return _run(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     problems: list[str] = []
     # ---- parse: the new and the legacy spellings of each option
@@ -145,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{len(inputs)} input file(s) from {root}; system prompt: "
           f"{'-s/--system (only where none)' if system else 'none added'}; shapes: "
-          f"{'--map ' + ' '.join(args.map) if args.map else 'detected per record'}", file=sys.stderr)
+          f"{' '.join('--map ' + m for m in args.map) if args.map else 'detected per record'}", file=sys.stderr)
     # ---- run
     written: list[Path] = []
     try:
