@@ -7,7 +7,13 @@ See docs/moe.md for how training calls it.
 """
 
 from qwen_sft.moe.experts import ExpertEngine
-from qwen_sft.moe.install import EngineReport, ExpertLoraSpec, install_expert_engine, trainable_parameter_groups
+from qwen_sft.moe.install import (
+    EngineReport,
+    ExpertLoraSpec,
+    enable_expert_lora,
+    install_expert_engine,
+    trainable_parameter_groups,
+)
 from qwen_sft.moe.lora import TARGET_PARAMETERS, expert_state_dict, load_expert_adapter, save_adapter
 from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
 
@@ -18,6 +24,7 @@ __all__ = [
     "ExpertEngine",
     "ExpertLoraSpec",
     "NF4Experts",
+    "enable_expert_lora",
     "expert_state_dict",
     "install_expert_engine",
     "load_expert_adapter",

@@ -10,7 +10,8 @@ Each layer's ``mlp.experts`` (``Qwen3MoeExperts``, fused 3-D ``gate_up_proj``/``
 one layer at a time, by an :class:`ExpertEngine`; with ``quantize_experts`` its 16-bit weights are
 moved to ``device`` (if given), quantized to NF4 there, and released before the next layer, so the
 accelerator never holds more than one 16-bit expert layer. Call it BEFORE ``peft.get_peft_model``
-(attention LoRA): peft then leaves the engine's ``lora_*`` factors trainable and never wraps experts.
+(attention LoRA), so peft never wraps the experts; ``get_peft_model`` freezes every parameter it did
+not create, so call :func:`enable_expert_lora` right after it.
 """
 
 from __future__ import annotations
@@ -125,6 +126,18 @@ def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_qu
         report.paths.append(f"{name}.experts")
     log.info(report.summary())
     return report
+
+
+def enable_expert_lora(model: nn.Module) -> int:
+    """Make the engine's LoRA factors trainable again (after ``get_peft_model`` froze them); returns their count."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, ExpertEngine) and module.has_lora:
+            for name, p in module.named_parameters(recurse=False):
+                if name.startswith("lora_"):
+                    p.requires_grad_(True)
+                    n += p.numel()
+    return n
 
 
 def trainable_parameter_groups(model: nn.Module) -> dict[str, int]:
