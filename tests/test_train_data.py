@@ -1,0 +1,96 @@
+"""Tokenized data for training: memory-mapped, every problem reported at once, counts that add up.
+
+    python -m pytest -q tests/test_train_data.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qwen_sft.train.data import DataError, load_tokenized, to_arrow
+
+GOOD = [
+    {"input_ids": [1, 2, 3, 4], "label": [-100, -100, 3, 4]},
+    {"input_ids": [5, 6], "label": [-100, 6]},
+    {"input_ids": list(range(10)), "label": [-100] * 5 + list(range(5, 10))},
+]
+
+
+def _jsonl(path: Path, rows: list, extra: str = "") -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + extra, encoding="utf-8")
+    return path
+
+
+def test_jsonl_is_converted_once_and_memory_mapped(tmp_path):
+    src = _jsonl(tmp_path / "t.jsonl", GOOD)
+    ds = load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "cache")
+    assert len(ds) == 2 and ds[0] == {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}
+    assert ds[1] == {"input_ids": [5, 6], "labels": [-100, 6]}
+    st = ds.stats
+    assert (st.rows_read, st.rows_kept, st.dropped_too_long, st.truncated) == (3, 2, 1, 0)
+    # Position 0 is never a target, so supervised counts labels[1:]: 2 + 1.
+    assert (st.tokens, st.supervised_tokens) == (6, 3)
+    cached = list((tmp_path / "cache").glob("t-*.arrow"))
+    assert len(cached) == 1 and ds.path == cached[0]
+    assert to_arrow(src, tmp_path / "cache") == cached[0]  # second call reuses the cache
+    # The token buffer is a view of the mapped file, not a copy in Python lists.
+    assert isinstance(ds._ids, np.ndarray) and not ds._ids.flags.owndata
+
+
+def test_truncate_source_cuts_instead_of_dropping(tmp_path):
+    src = _jsonl(tmp_path / "t.jsonl", GOOD)
+    ds = load_tokenized(src, vocab_size=100, max_len=8, truncate=True, cache_dir=tmp_path)
+    assert (ds.stats.rows_kept, ds.stats.truncated, ds.stats.dropped_too_long) == (3, 1, 0)
+    assert ds[2] == {"input_ids": list(range(8)), "labels": [-100] * 5 + [5, 6, 7]}
+    assert ds.stats.supervised_tokens == 2 + 1 + 3
+
+
+def test_parquet_and_arrow(tmp_path):
+    table = pa.table({"input_ids": pa.array([r["input_ids"] for r in GOOD], pa.list_(pa.int64())),
+                      "label": pa.array([r["label"] for r in GOOD], pa.list_(pa.int64()))})
+    pq.write_table(table, tmp_path / "t.parquet")
+    ds = load_tokenized(tmp_path / "t.parquet", vocab_size=100, max_len=8, cache_dir=tmp_path / "c")
+    assert [ds[i] for i in range(len(ds))] == [{"input_ids": r["input_ids"], "labels": r["label"]} for r in GOOD[:2]]
+    table = table.cast(pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.list_(pa.int32()))]))
+    with pa.ipc.new_file(str(tmp_path / "t.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    ds = load_tokenized(tmp_path / "t.arrow", vocab_size=100, max_len=8, cache_dir=tmp_path / "c2")
+    assert ds.path == tmp_path / "t.arrow" and not (tmp_path / "c2").exists()  # mapped in place, no copy
+    assert ds[1] == {"input_ids": [5, 6], "labels": [-100, 6]}
+
+
+def test_every_problem_in_one_message(tmp_path):
+    bad = GOOD + [
+        {"input_ids": [1, 2], "label": [1]},                 # line 4: length mismatch
+        {"input_ids": [1, 200], "label": [-100, 200]},       # line 5: beyond the vocabulary
+        {"input_ids": [1, 2], "label": [-100, -100]},        # line 6: nothing supervised
+        {"input_ids": [1, 2], "label": [-100, 7]},           # line 7: label is neither -100 nor the id
+        {"messages": [{"role": "user", "content": "hi"}]},   # line 8: not tokenized
+    ]
+    src = _jsonl(tmp_path / "bad.jsonl", bad, extra="{oops\n")
+    with pytest.raises(DataError) as err:
+        load_tokenized(src, vocab_size=100, max_len=8, strict=True, cache_dir=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{src}: 7 problem(s) found; no model was loaded")
+    for expected in ("length mismatch (1):\n    line 4: 2 input_ids vs 1 labels",
+                     "ids beyond the vocabulary (1):\n    line 5: id 200 not in [0, 100)",
+                     "no supervised token (1):\n    line 6",
+                     "labels other than -100 or the input id (1):\n    line 7",
+                     "not tokenized (no input_ids) (1):\n    line 8: keys ['messages']",
+                     "invalid JSON (1):\n    line 9",
+                     "longer than model_max_length (1):\n    line 3: 10 > max_len=8",
+                     "run `python convert_to_chatml.py ./raw --tokenize`"):
+        assert expected in msg, expected
+    assert not list(tmp_path.glob("*.arrow")), "a failed conversion must not leave a cache file behind"
+
+
+def test_untokenized_chatml_says_how_to_fix(tmp_path):
+    src = _jsonl(tmp_path / "chatml.jsonl", [{"messages": [{"role": "user", "content": "x"}]}] * 3)
+    with pytest.raises(DataError, match=r"(?s)not tokenized \(no input_ids\) \(3\).*--tokenize"):
+        load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path)
