@@ -1,0 +1,176 @@
+"""``qwen-sft merge`` / ``merge_adapter.py``: merge a LoRA or QLoRA adapter into a bf16 checkpoint, verified.
+
+    python merge_adapter.py --base_model_path Qwen/Qwen3-Coder-30B-A3B-Instruct \\
+        --adapter_path checkpoints/qwen3_30b_qlora --output_path checkpoints/merged_model
+    qwen-sft merge --base_model_path BASE --train_adapters_path ADAPTER --output_path OUT --all_checkpoints
+
+Order of work: parse → validate every input (adapter config and weights, base headers, shapes) before
+reading a single base weight → stream the merge shard by shard into a temporary directory → copy
+config, generation config and tokenizer → verify logits → rename into place. Any failure leaves no
+output directory (an existing one is left untouched) and exits non-zero with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from qwen_sft.merge.adapter import Adapter, MergeError, find_tokenizer_dir, read_adapter
+from qwen_sft.merge.plan import BaseCheckpoint, plan_merge, read_base
+from qwen_sft.merge.stream import DTYPES
+from qwen_sft.merge.verify import ATOL, FLIP_FACTOR, RTOL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen-sft merge", allow_abbrev=False,
+        description="Merge a LoRA/QLoRA adapter (attention and MoE experts) into a 16-bit checkpoint, "
+                    "shard by shard, and verify the merged logits against base + adapter.",
+        epilog="example: python merge_adapter.py --base_model_path Qwen/Qwen3-Coder-30B-A3B-Instruct "
+               "--adapter_path checkpoints/qwen3_30b_qlora --output_path checkpoints/merged_model",
+    )
+    p.add_argument("--base_model_path", required=True, help="base model directory (or Hub id, read from the cache)")
+    p.add_argument("--adapter_path", "--train_adapters_path", dest="adapter_path", required=True,
+                   help="adapter directory written by training (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output_path", required=True, help="merged model directory (replaced atomically if it exists)")
+    p.add_argument("--all_checkpoints", action="store_true",
+                   help="also merge every checkpoint-* under the adapter directory into OUT/checkpoint-*")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                   help="dtype of the merged weights (default bfloat16; float32 doubles the size)")
+    p.add_argument("--no_verify", action="store_true", help="skip the logits check (on by default)")
+    p.add_argument("--verify_device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the check runs; auto = all GPUs when present (device_map=auto), else CPU")
+    p.add_argument("--verify_atol", type=float, default=ATOL, help="absolute logit tolerance (default %(default)s)")
+    p.add_argument("--verify_rtol", type=float, default=RTOL,
+                   help="tolerance relative to the largest |logit| (default %(default)s)")
+    return p
+
+
+def _checkpoint_key(path: Path) -> tuple[int, str]:
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return (int(m.group(1)) if m else sys.maxsize, path.name)
+
+
+def find_jobs(adapter_root: Path, all_checkpoints: bool) -> list[tuple[Path, str]]:
+    """(adapter dir, output sub-directory) pairs: the adapter itself, plus checkpoint-* when asked."""
+    jobs = [(adapter_root, ".")] if (adapter_root / "adapter_config.json").is_file() else []
+    if all_checkpoints:
+        ckpts = sorted((d for d in adapter_root.glob("checkpoint-*") if d.is_dir()), key=_checkpoint_key)
+        jobs += [(d, d.name) for d in ckpts]
+        if not jobs:
+            raise MergeError(f"--all_checkpoints: {adapter_root} holds neither an adapter nor checkpoint-* directories")
+    return jobs or [(adapter_root, ".")]  # read_adapter explains what is missing
+
+
+def check_paths(out: Path, base: Path, adapter_root: Path) -> None:
+    """Refuse an output that would replace or sit inside an input (the rename would destroy it)."""
+    for name, src in (("--base_model_path", base), ("--adapter_path", adapter_root)):
+        src = src.resolve()
+        if out == src or out in src.parents or src in out.parents:
+            raise MergeError(f"--output_path {out} overlaps {name} {src}; choose a separate directory")
+
+
+def _summary(adapter: Adapter, plan: dict) -> str:
+    kinds = {"lora": 0, "expert": 0, "replace": 0}
+    for delta in plan.values():
+        kinds[delta.kind] += 1
+    return (f"{adapter.path}: {len(adapter.pairs)} LoRA pairs → {kinds['lora']} linear + {kinds['expert']} "
+            f"per-expert tensors, {kinds['replace']} modules_to_save tensors")
+
+
+def _notes(adapter: Adapter, base: BaseCheckpoint, base_arg: str) -> list[str]:
+    notes = list(adapter.notes)
+    trained_on = adapter.base_model_name_or_path
+    if trained_on and Path(trained_on).name.lower() != Path(base_arg.rstrip("/")).name.lower():
+        notes.append(f"the adapter was trained on {trained_on!r}, merging into {base_arg!r} (every shape matches)")
+    if adapter.quantized_training:
+        notes.append(f"QLoRA adapter ({adapter.quantized_training}): trained against 4/8-bit base weights, merged into "
+                     "the 16-bit base, so the merged model differs slightly from the quantized model of training")
+    return notes
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen_sft.atomic import atomic_dir
+    from qwen_sft.merge.assets import write_assets, write_info
+    from qwen_sft.merge.stream import merge_shards
+
+    out = Path(args.output_path).resolve()
+    adapter_root = Path(args.adapter_path)
+    jobs = find_jobs(adapter_root, args.all_checkpoints)
+    base = read_base(args.base_model_path)
+    check_paths(out, base.path, adapter_root)
+
+    # Validate every adapter against the base before any weight is read; report all broken ones at once.
+    work, errors = [], []
+    for adapter_dir, sub in jobs:
+        try:
+            adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
+            plan = plan_merge(adapter, base)
+            if adapter.tokenizer_dir is None and find_tokenizer_dir(base.path) is None:
+                raise MergeError(f"no tokenizer beside {adapter_dir} or in {base.path}; the merged model needs one")
+            work.append((adapter, plan, sub))
+        except MergeError as err:
+            errors.append(str(err))
+    if errors:
+        raise MergeError("\n".join(errors))
+    for adapter, plan, _ in work:
+        print(_summary(adapter, plan))
+        for note in _notes(adapter, base, args.base_model_path):
+            print(f"note: {note}")
+
+    with atomic_dir(out) as tmp:
+        for adapter, plan, sub in work:
+            target = tmp / sub
+            target.mkdir(parents=True, exist_ok=True)
+            stats = merge_shards(base, plan, target, dtype=args.dtype)
+            sources = write_assets(base, adapter, target, args.dtype)
+            print(f"wrote {stats.tensors} tensors in {stats.shards} shards ({stats.bytes_written / 2**20:.1f} MiB); "
+                  f"tokenizer from {sources['tokenizer']}")
+            if stats.unchanged_after_rounding:
+                print(f"note: {len(stats.unchanged_after_rounding)} adapted tensors are unchanged after {args.dtype} "
+                      f"rounding (ΔW too small), e.g. {stats.unchanged_after_rounding[0]}")
+            info = {"base_model_path": args.base_model_path, "adapter_path": str(adapter.path), "dtype": args.dtype,
+                    "adapter_sha256": adapter.weights_sha256, "adapted_tensors": stats.adapted,
+                    "tensors": stats.tensors, "sources": sources, "verification": None}
+            if not args.no_verify:
+                result = _verify(base, adapter, target, args)
+                info["verification"] = {k: (float(f"{v:.3g}") if isinstance(v, float) else v)
+                                        for k, v in result.as_dict().items()}
+            write_info(target, info)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _verify(base: BaseCheckpoint, adapter: Adapter, merged: Path, args: argparse.Namespace):
+    from qwen_sft.merge.verify import verify_merge
+
+    r = verify_merge(base.path, adapter.path, merged, merged, args.verify_device, args.verify_atol, args.verify_rtol)
+    print(f"verify: max |Δlogit| merged vs base+adapter = {r.max_abs_diff:.4g} over {r.tokens} positions, "
+          f"p90 {r.p90_abs_diff:.4g} (tolerance {r.tolerance:.4g} for p90, {FLIP_FACTOR * r.tolerance:.4g} for max; "
+          f"max |logit| {r.max_abs_logit:.4g}; adapter effect {r.adapter_effect:.4g})")
+    if not r.passed:
+        raise MergeError(f"verification failed for {adapter.path}: max |Δlogit| {r.max_abs_diff:.4g}, p90 "
+                         f"{r.p90_abs_diff:.4g}, tolerance {r.tolerance:.4g}. The merged weights do not reproduce "
+                         "base + adapter; nothing was written. (--verify_atol/--verify_rtol raise the tolerance.)")
+    if not r.distinguishable:
+        print("note: the adapter changes the logits by less than twice the tolerance; this check cannot tell "
+              "the merged model from the base (an untrained or tiny adapter)")
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MergeError as err:
+        print(f"merge: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("merge: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
