@@ -1,0 +1,276 @@
+"""GPU memory estimate for QLoRA / LoRA / full fine-tuning, from a model's config.json alone.
+
+    qwen-sft estimate ../shared/spec/qwen3-coder-30b-a3b-instruct/config.json --mode qlora
+    qwen-sft estimate ./tiny-qwen3-moe --mode lora --seq 4096 --batch 2 --lora-r 16
+    qwen-sft estimate CONFIG --mode full --gpus 8 --zero 3 --offload
+
+Counts every parameter tensor from the config (no weights are read), prices each component in the
+storage this project uses (NF4 experts through the expert engine and NF4 attention through
+bitsandbytes for qlora; bf16 otherwise; LoRA factors, their gradients and AdamW state in fp32), adds
+activations with and without gradient checkpointing and the logits at the loss, and prints the total
+per GPU next to the seed README's VRAM table. The formulas are in docs/moe.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+GiB = 2**30
+Mode = Literal["qlora", "lora", "full"]
+SEED_TABLE = {"7B": ("~8GB", "~16GB", "~60GB"), "30B-A3B": ("~18GB", "~35GB", "~220GB")}
+CUDA_OVERHEAD_BYTES = int(0.75 * GiB)  # CUDA context + cuBLAS workspace + allocator slack: an assumption
+
+
+def nf4_bytes(n: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of one tensor of ``n`` weights in bitsandbytes NF4 (what NF4Experts.storage_bytes reports)."""
+    blocks = math.ceil(n / blocksize)
+    if not double_quant:
+        return math.ceil(n / 2) + 4 * blocks
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 4 * 256
+
+
+@dataclass
+class ModelShape:
+    """The sizes the estimate needs, read from a transformers config.json (qwen3_moe, qwen2/3, llama-like)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # dense MLP width (used by layers without experts)
+    experts: int = 0
+    active: int = 0
+    moe_intermediate: int = 0
+    tied: bool = False
+    qk_norm: bool = False
+    moe_layers: int = 0
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> ModelShape:
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}; is this a causal-LM config?")
+        heads = cfg["num_attention_heads"]
+        # transformers v5 writes num_local_experts (num_experts is an alias); released configs say num_experts
+        experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+        layers = cfg["num_hidden_layers"]
+        step, only = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or [])
+        moe_layers = sum(1 for i in range(layers) if experts and i not in only and (i + 1) % step == 0)
+        return cls(vocab=cfg["vocab_size"], hidden=cfg["hidden_size"], layers=layers, heads=heads,
+                   kv_heads=cfg.get("num_key_value_heads") or heads,
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   intermediate=cfg.get("intermediate_size", 0), experts=experts,
+                   active=int(cfg.get("num_experts_per_tok") or 0),
+                   moe_intermediate=int(cfg.get("moe_intermediate_size") or 0),
+                   tied=bool(cfg.get("tie_word_embeddings", False)),
+                   qk_norm=cfg.get("model_type") in ("qwen3", "qwen3_moe") or bool(cfg.get("use_qk_norm")),
+                   moe_layers=moe_layers, name=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0])
+
+
+def parameter_groups(m: ModelShape) -> dict[str, list[int]]:
+    """Component -> sizes of its individual weight tensors (so NF4 scales are priced per tensor, as stored)."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    dense_layers = m.layers - m.moe_layers
+    attn = [m.hidden * q, m.hidden * kv, m.hidden * kv, q * m.hidden] * m.layers
+    groups = {
+        "embeddings": [m.vocab * m.hidden],
+        "lm_head": [] if m.tied else [m.vocab * m.hidden],
+        "attention (q/k/v/o)": attn,
+        "norms + routers": [2 * m.hidden] * m.layers + [m.hidden] + ([2 * m.head_dim] * m.layers if m.qk_norm else [])
+        + [m.experts * m.hidden] * m.moe_layers,
+        "dense MLP": [m.hidden * m.intermediate] * 3 * dense_layers,
+        # The expert engine stores each layer's fused gate_up [E, 2I, H] and down [E, H, I] as one tensor each.
+        "routed experts": [m.experts * 2 * m.moe_intermediate * m.hidden, m.experts * m.hidden * m.moe_intermediate]
+        * m.moe_layers,
+    }
+    return {k: v for k, v in groups.items() if v}
+
+
+def lora_params(m: ModelShape, r: int, experts: bool = True) -> int:
+    """LoRA on q/k/v/o (+ gate/up/down of dense MLPs) and, with the engine, per-expert rank-r factors."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    n = m.layers * r * ((m.hidden + q) + 2 * (m.hidden + kv) + (q + m.hidden))
+    n += (m.layers - m.moe_layers) * r * (2 * (m.hidden + m.intermediate) + (m.intermediate + m.hidden))
+    if experts:
+        n += m.moe_layers * m.experts * r * ((m.hidden + 2 * m.moe_intermediate) + (m.moe_intermediate + m.hidden))
+    return n
+
+
+@dataclass
+class Options:
+    mode: Mode = "qlora"
+    seq: int = 2048
+    batch: int = 1
+    lora_r: int = 8
+    gpus: int = 1
+    zero: int | None = None
+    offload: bool = False
+    double_quant: bool = True
+    expert_lora: bool = True
+    optim: Literal["adamw", "adamw8bit"] = "adamw"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in ("qlora", "lora", "full"):
+            problems.append(f"--mode must be qlora, lora or full, got {self.mode!r}")
+        for name in ("seq", "batch", "lora_r", "gpus"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.zero not in (None, 2, 3):
+            problems.append(f"--zero must be 2 or 3, got {self.zero}")
+        if self.optim not in ("adamw", "adamw8bit"):
+            problems.append(f"--optim must be adamw or adamw8bit, got {self.optim!r}")
+        if self.offload and self.zero is None:
+            problems.append("--offload needs --zero 2 or 3 (DeepSpeed does the offloading)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class Estimate:
+    rows: list[tuple[str, int, str, int]] = field(default_factory=list)  # (component, params, storage, bytes/GPU)
+    params_total: int = 0
+    params_experts: int = 0
+    params_active: int = 0
+    activations_ckpt: int = 0
+    activations_full: int = 0
+    logits: int = 0
+
+    @property
+    def static_bytes(self) -> int:
+        return sum(r[3] for r in self.rows)
+
+    def total(self, checkpointing: bool) -> int:
+        act = self.activations_ckpt if checkpointing else self.activations_full
+        return self.static_bytes + act + self.logits + CUDA_OVERHEAD_BYTES
+
+
+def activation_bytes(m: ModelShape, o: Options) -> tuple[int, int]:
+    """(with checkpointing, without) bf16 activation bytes kept for backward; per-token element counts below."""
+    tokens = o.seq * o.batch
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    # attention: norm in/out, q/k/v before and after norm+rope, attention out + its input to o_proj, residual
+    attn = 4 * m.hidden + 3 * q + 4 * kv
+    # routed experts (engine): routed inputs K*H, pre-activations K*2I, r-wide LoRA intermediates; router fp32
+    moe = m.active * (m.hidden + 2 * m.moe_intermediate + 2 * o.lora_r) + 4 * m.experts
+    dense = 4 * m.intermediate
+    per_layer = [attn + (moe if i < m.moe_layers else dense) for i in range(m.layers)]
+    full = 2 * tokens * sum(per_layer)
+    # checkpointing keeps each layer's input, and recomputes one layer at a time (its full set, transiently)
+    ckpt = 2 * tokens * (m.layers * m.hidden + max(per_layer))
+    return ckpt, full
+
+
+def estimate(m: ModelShape, o: Options) -> Estimate:
+    est = Estimate()
+    groups = parameter_groups(m)
+    est.params_total = sum(sum(v) for v in groups.values())
+    est.params_experts = sum(groups.get("routed experts", []))
+    est.params_active = est.params_total - est.params_experts + est.params_experts * m.active // max(m.experts, 1)
+    shard_w = o.gpus if o.zero == 3 else 1
+    for name, sizes in groups.items():
+        nf4 = o.mode == "qlora" and name in ("attention (q/k/v/o)", "dense MLP", "routed experts")
+        b = sum(nf4_bytes(n, double_quant=o.double_quant) for n in sizes) if nf4 else 2 * sum(sizes)
+        if o.offload and o.zero == 3:
+            b = 0  # parameters live in CPU memory, fetched layer by layer
+        est.rows.append((f"weights: {name}", sum(sizes), "nf4" if nf4 else "bf16", math.ceil(b / shard_w)))
+    shard_opt = o.gpus if o.zero in (2, 3) else 1
+    if o.mode == "full":
+        trainable, weight_bytes = est.params_total, 2  # bf16 gradients; fp32 master + AdamW m, v = 12 bytes
+        master_opt = 12
+    else:
+        trainable = lora_params(m, o.lora_r, experts=o.expert_lora and m.experts > 0)
+        est.rows.append(("LoRA parameters", trainable, "fp32", math.ceil(4 * trainable / shard_w)))
+        # fp32 gradients; AdamW m, v in fp32, or one byte each with bitsandbytes' 8-bit AdamW
+        weight_bytes, master_opt = 4, (2 if o.optim == "adamw8bit" else 8)
+    est.rows.append(("gradients", trainable, "bf16" if o.mode == "full" else "fp32",
+                     math.ceil(weight_bytes * trainable / shard_opt)))
+    opt_bytes = 0 if o.offload else math.ceil(master_opt * trainable / shard_opt)
+    opt_name = "optimizer state (" + ("AdamW, fp32 master)" if o.mode == "full" else f"{o.optim})")
+    est.rows.append((opt_name, trainable, "cpu" if o.offload else ("int8" if o.optim == "adamw8bit" else "fp32"),
+                     opt_bytes))
+    est.activations_ckpt, est.activations_full = activation_bytes(m, o)
+    # bf16 logits, their fp32 upcast inside the loss, and the fp32 gradient: the transient peak at the loss.
+    est.logits = o.seq * o.batch * m.vocab * (2 + 4 + 4)
+    return est
+
+
+def load_config(path: str) -> tuple[dict, Path]:
+    p = Path(path)
+    cfg_path = p / "config.json" if p.is_dir() else p
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json there; pass a model directory or a config.json path")
+    return json.loads(cfg_path.read_text(encoding="utf-8")), cfg_path
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:8.2f}"
+
+
+def render(m: ModelShape, o: Options, est: Estimate, source: str) -> str:
+    pct = 100 * est.params_experts / max(est.params_total, 1)
+    zero = f"ZeRO-{o.zero}" if o.zero else "no ZeRO"
+    lines = [
+        f"model: {m.name} from {source}",
+        f"parameters: {est.params_total:,} total ({est.params_total / 1e9:.2f} B); routed experts "
+        f"{est.params_experts:,} ({est.params_experts / 1e9:.2f} B, {pct:.1f} %); active per token "
+        f"{est.params_active / 1e9:.2f} B",
+        f"mode {o.mode}, seq {o.seq}, batch {o.batch}, lora r {o.lora_r}, optim {o.optim}, gpus {o.gpus}, {zero}, "
+        f"offload {'yes' if o.offload else 'no'}",
+        "",
+        f"{'component':<44}{'params':>16}  {'storage':<8}{'GiB/GPU':>9}",
+    ]
+    lines += [f"{name:<44}{n:>16,}  {kind:<8}{_gib(b):>9}" for name, n, kind, b in est.rows]
+    lines += [
+        f"{'activations, gradient checkpointing':<44}{'':>16}  {'bf16':<8}{_gib(est.activations_ckpt):>9}",
+        f"{'activations, no checkpointing':<44}{'':>16}  {'bf16':<8}{_gib(est.activations_full):>9}",
+        f"{'logits at the loss (bf16 + fp32 + grad)':<44}{'':>16}  {'':<8}{_gib(est.logits):>9}",
+        f"{'CUDA context + workspace (assumed)':<44}{'':>16}  {'':<8}{_gib(CUDA_OVERHEAD_BYTES):>9}",
+        "",
+        f"total per GPU with gradient checkpointing: {est.total(True) / GiB:.2f} GiB "
+        f"({est.total(True) / 1e9:.1f} GB)",
+        f"total per GPU without checkpointing:      {est.total(False) / GiB:.2f} GiB "
+        f"({est.total(False) / 1e9:.1f} GB)",
+        "",
+        "seed README VRAM table (QLoRA | LoRA | Full FT):",
+    ]
+    lines += [f"  {k:<8} {' | '.join(v)}" for k, v in SEED_TABLE.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qwen-sft estimate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example: qwen-sft estimate ../shared/spec/qwen3-coder-30b-a3b-instruct/"
+                                       "config.json --mode qlora --seq 2048")
+    p.add_argument("model", metavar="MODEL_OR_CONFIG", help="model directory or config.json")
+    p.add_argument("--mode", default="qlora", choices=["qlora", "lora", "full"])
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (per expert for the experts)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--zero", type=int, default=None, choices=[2, 3], help="DeepSpeed ZeRO stage")
+    p.add_argument("--offload", action="store_true", help="ZeRO CPU offload of optimizer (and params at stage 3)")
+    p.add_argument("--no-double-quant", action="store_true", help="NF4 scales in fp32 instead of 8-bit")
+    p.add_argument("--no-expert-lora", action="store_true", help="LoRA on attention only")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="optimizer of the LoRA modes (adamw8bit: bitsandbytes 8-bit AdamW state)")
+    a = p.parse_args(argv)
+    try:
+        opts = Options(mode=a.mode, seq=a.seq, batch=a.batch, lora_r=a.lora_r, gpus=a.gpus, zero=a.zero,
+                       offload=a.offload, double_quant=not a.no_double_quant, expert_lora=not a.no_expert_lora,
+                       optim=a.optim)
+        cfg, cfg_path = load_config(a.model)
+        shape = ModelShape.from_config(cfg)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        p.error(str(e))
+    print(render(shape, opts, estimate(shape, opts), str(cfg_path)))
+    return 0
