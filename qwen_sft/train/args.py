@@ -7,6 +7,7 @@ other are rejected in ``__post_init__`` with a message naming both.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -156,6 +157,14 @@ def parse_flags(argv: list[str]) -> Config:
     return Config(model, data, run, training, origins)
 
 
+_YAML11_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+
+
+def _number(value: object) -> object:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; a learning rate written that way must still be a float."""
+    return float(value) if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value) else value
+
+
 def parse_override(item: str) -> tuple[str, object]:
     """``key=value`` with the value read as YAML, so ``3``, ``1e-4``, ``true`` and ``[a, b]`` keep their types."""
     import yaml
@@ -163,7 +172,7 @@ def parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ValueError(f"override {item!r} is not key=value (example: learning_rate=1e-4)")
     key, raw = item.split("=", 1)
-    return key.strip().lstrip("-").replace("-", "_"), yaml.safe_load(raw) if raw else ""
+    return key.strip().lstrip("-").replace("-", "_"), _number(yaml.safe_load(raw)) if raw else ""
 
 
 def parse_yaml(path: str, overrides: list[str]) -> Config:
@@ -174,7 +183,7 @@ def parse_yaml(path: str, overrides: list[str]) -> Config:
         loaded = yaml.safe_load(fh) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, found {type(loaded).__name__}")
-    values = dict(loaded)
+    values = {k: _number(v) for k, v in loaded.items()}
     origins = {k: f"config {path}" for k in loaded}
     for item in overrides:
         key, value = parse_override(item)

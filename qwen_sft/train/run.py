@@ -100,7 +100,8 @@ def write_artifacts(out: Path, config: Config, stats: dict, groups: dict | None,
 
 
 def run(config: Config) -> dict:
-    """Train as configured; return the final training metrics (or the plan for ``dry_run``)."""
+    """Train as configured; return the final metrics plus ``model`` (the trained, in-memory model), or
+    the plan for ``dry_run``."""
     from transformers import AutoConfig
 
     from qwen_sft.tokenizer import load_tokenizer
@@ -169,7 +170,7 @@ def run(config: Config) -> dict:
         with atomic_open(out / "train_results.json") as fh:
             json.dump(result.metrics, fh, indent=2)
     log(f"done: {result.global_step} optimizer steps, final train loss {result.training_loss:.4f}; saved to {out}")
-    return {**result.metrics, "global_step": result.global_step}
+    return {**result.metrics, "global_step": result.global_step, "model": trainer.model}
 
 
 def _is_zero3(training) -> bool:
