@@ -88,7 +88,7 @@ def test_bad_input_is_rejected_with_file_line_reason_and_never_a_traceback(tmp_p
     out = tmp_path / "out.jsonl"
     assert main([str(src), "-o", str(out)]) == 0
     assert lines(out) == [PAIR_OUT, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
-    rejects = lines(tmp_path / "out.rejects.jsonl")
+    rejects = lines(tmp_path / "out.jsonl.rejects.jsonl")
     assert [(r["file"], r["line"], r["reason"]) for r in rejects] == [
         (str(src), 2, "invalid_json"), (str(src), 3, "invalid_utf8"), (str(src), 4, "not_an_object"),
         (str(src), 6, "empty_assistant"), (str(src), 7, "unknown_shape"), (str(src), 8, "empty_assistant")]
@@ -103,7 +103,7 @@ def test_strict_stops_at_the_first_bad_record(tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     assert main([str(src), "-o", str(out), "--strict"]) == 1
     assert f"{src}:line 2: empty_assistant: message 1 (assistant) has empty content" in capsys.readouterr().err
-    assert not out.exists() and not (tmp_path / "out.rejects.jsonl").exists()
+    assert not out.exists() and not (tmp_path / "out.jsonl.rejects.jsonl").exists()
 
 
 def test_split_is_seeded_disjoint_and_complete(tmp_path, capsys):
@@ -147,9 +147,9 @@ def test_two_runs_are_byte_identical_and_outputs_are_never_read_back(tmp_path):
     jsonl(raw / "a" / "c.jsonl", [{"messages": [{"role": "user", "content": "é"}, {"role": "assistant", "content": "ü"}]}])
     out = raw / "out.jsonl"  # inside the input directory on purpose
     assert main([str(raw), "-o", str(out)]) == 0
-    first = out.read_bytes(), (raw / "out.rejects.jsonl").read_bytes()
+    first = out.read_bytes(), (raw / "out.jsonl.rejects.jsonl").read_bytes()
     assert main([str(raw), "-o", str(out)]) == 0
-    assert (out.read_bytes(), (raw / "out.rejects.jsonl").read_bytes()) == first
+    assert (out.read_bytes(), (raw / "out.jsonl.rejects.jsonl").read_bytes()) == first
     assert first[0].decode("utf-8").count("\n") == 2 and "é" in first[0].decode("utf-8")
 
 
@@ -200,7 +200,7 @@ def _start_and_interrupt(tmp_path: Path, sig: int) -> tuple[Path, Path]:
 def test_a_killed_run_leaves_no_partial_output(tmp_path, sig):
     out, _ = _start_and_interrupt(tmp_path, sig)
     assert out.read_text() == "previous\n"
-    assert not (out.parent / "sft.rejects.jsonl").exists()
+    assert not (out.parent / "sft.jsonl.rejects.jsonl").exists()
     leftovers = [p.name for p in out.parent.iterdir() if p.name != "sft.jsonl"]
     if sig == signal.SIGTERM:  # unwound cleanly: temporary files removed too
         assert leftovers == []
@@ -214,3 +214,18 @@ def test_qwen_sft_convert_verb(tmp_path):
     src = jsonl(tmp_path / "a.jsonl", [PAIR])
     assert qwen_sft(["convert", str(src), "-o", str(tmp_path / "o.jsonl")]) == 0
     assert lines(tmp_path / "o.jsonl") == [PAIR_OUT]
+
+
+def test_tokenize_with_split_writes_chatml_and_tokenized_files(tmp_path, capsys):
+    pytest.importorskip("qwen_sft.tokenize.pipeline")
+    records = [{"input": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    src = jsonl(tmp_path / "raw" / "a.jsonl", records)
+    out = tmp_path / "processed" / "sft_train.jsonl"
+    assert main([str(src), "--tokenize", "-m", "offline", "--max_len", "64", "-o", str(out), "--split"]) == 0
+    p = tmp_path / "processed"
+    assert len(lines(p / "sft_train_train.chatml.jsonl")) == 9 and len(lines(p / "sft_train_eval.chatml.jsonl")) == 1
+    (sample,) = lines(p / "sft_train_eval.jsonl")
+    assert set(sample) >= {"input_ids", "label"} and len(sample["input_ids"]) == len(sample["label"])
+    assert len(lines(p / "sft_train_train.jsonl")) == 9
+    assert main([str(src), "-t", "-m", str(tmp_path / "no-such-tokenizer"), "-o", str(out)]) == 1
+    assert "could not load the tokenizer" in capsys.readouterr().err

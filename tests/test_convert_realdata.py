@@ -17,7 +17,7 @@ def convert(src: Path, out: Path, *extra: str) -> list[dict]:
 
 
 def rejects(out: Path) -> list[dict]:
-    path = out.with_name(out.stem + ".rejects.jsonl")
+    path = out.with_name(out.name + ".rejects.jsonl")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 

@@ -135,9 +135,10 @@ def _run(argv: list[str] | None) -> int:
         return 2
     root = Path(source)
     base = output.parent / (output.stem if output.suffix else output.name)
-    rejects = base.parent / f"{base.name}.rejects.jsonl"
     train, evaluation = Path(f"{base}_train.jsonl"), Path(f"{base}_eval.jsonl")
     chatml = {p: p.parent / f"{p.stem}.chatml.jsonl" for p in (output, train, evaluation)}
+    # Named after the ChatML file, so it never meets the tokenizer's own <output>.rejects.jsonl.
+    rejects = Path(f"{chatml[output] if args.tokenize else output}.rejects.jsonl")
     if out_dir is not None:
         rejects = out_dir.resolve().parent / f"{out_dir.resolve().name}.rejects.jsonl"
     own = {output, rejects, train, evaluation, *chatml.values()}
@@ -202,7 +203,7 @@ def _run(argv: list[str] | None) -> int:
             except ValueError as err:
                 print(f"convert_to_chatml: --tokenize {src}: {err}", file=sys.stderr)
                 return 1
-            print(f"tokenized {src} → {dst}: {result}")
+            print(f"tokenized {src} → {dst}: {result.get('samples')} samples, {result.get('tokens')} tokens")
     return 0
 
 

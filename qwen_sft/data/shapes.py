@@ -127,7 +127,7 @@ def from_alpaca(rec: dict, answer_key: str, notes: Counter, opts: ConvertOptions
     extra = rec.get("input")
     if extra is not None and not isinstance(extra, str):
         raise BadRecord("wrong_type", f"'input' is {type_name(extra)}, expected a string")
-    if extra and extra.strip():
+    if extra and not extra.isspace():
         user = f"{user}\n\n{extra}"
     messages: list[dict] = []
     system = rec.get("system")
@@ -191,7 +191,7 @@ def from_field_map(rec: dict, fmap: FieldMap, notes: Counter, opts: ConvertOptio
             value = resolve(rec, path)
             if not isinstance(value, str):
                 raise BadRecord("wrong_type", f"--map {target}={'.'.join(path)} is {type_name(value)}, expected a string")
-            if value.strip():  # an empty piece adds nothing, like Alpaca's empty input
+            if value and not value.isspace():  # an empty piece adds nothing, like Alpaca's empty input
                 pieces.append(value)
         texts[target] = "\n\n".join(pieces)
     messages = [{"role": "system", "content": texts["system"]}] if texts["system"] else []
