@@ -10,11 +10,11 @@ Any difference, or any tokenizer whose layout we do not recognise, means the HF 
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from typing import Any
 
 import numpy as np
+import orjson
 
 # Shapes where a regex or merge-order difference would show: boundaries, whitespace runs, digits,
 # contractions, scripts, emoji, control tokens, non-NFC input, code.
@@ -40,24 +40,42 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 def byte_length_table(tok: Any) -> np.ndarray:
     """Bytes each token id stands for (byte-level vocabulary; added tokens are their UTF-8 text)."""
+    return _layout(tok)[1]
+
+
+_LAYOUTS: dict[int, tuple[Any, Any, np.ndarray, bool]] = {}  # id(tok) -> (tok, tiktoken Encoding | None, lens, nfc)
+
+
+def _layout(tok: Any) -> tuple[Any, np.ndarray, bool]:
+    """(tiktoken Encoding equivalent to ``tok`` or None, byte length per id, NFC normalizer?), built once."""
+    hit = _LAYOUTS.get(id(tok))
+    if hit is not None and hit[0] is tok:
+        return hit[1:]
+    spec = orjson.loads(tok.backend_tokenizer.to_str())
+    norm, pre, model = spec.get("normalizer"), spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     u2b = _unicode_to_bytes()
-    vocab = tok.get_vocab()
-    table = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
-    added = {t.content for t in tok.added_tokens_decoder.values()}
-    for piece, idx in vocab.items():
-        table[idx] = len(piece.encode()) if piece in added else sum(1 for ch in piece if ch in u2b)
-    return table
+    added = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
+    byte_level = model.get("type") == "BPE" and all(ch in u2b for piece in model.get("vocab", {}) for ch in piece)
+    if not byte_level:
+        raise ValueError("the tokenizer is not a byte-level BPE like Qwen3-Coder's; its labels cannot be placed")
+    ranks = {bytes(u2b[ch] for ch in piece): idx for piece, idx in model["vocab"].items()}
+    lens = np.zeros(max([*ranks.values(), *added.values()]) + 1, dtype=np.int64)
+    for piece, idx in ranks.items():
+        lens[idx] = len(piece)
+    for content, idx in added.items():
+        lens[idx] = len(content.encode())
+    layout = (_tiktoken_encoding(norm, pre, ranks, added), lens, norm is not None)
+    _LAYOUTS[id(tok)] = (tok, *layout)
+    return layout
 
 
-def _tiktoken_encoding(tok: Any):
-    """A tiktoken Encoding equivalent to ``tok``'s backend, or None when its layout is not recognised."""
+def _tiktoken_encoding(norm: Any, pre: dict, ranks: dict[bytes, int], added: dict[str, int]):
+    """A tiktoken Encoding with the tokenizer's own ranks and split regex, or None if its layout differs."""
     try:
         import tiktoken
     except ImportError:
         return None
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    norm, pre, model = spec.get("normalizer"), spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-    if norm not in (None, {"type": "NFC"}) or model.get("type") != "BPE":
+    if norm not in (None, {"type": "NFC"}):
         return None
     parts = pre.get("pretokenizers", [pre])
     split = [p for p in parts if p.get("type") == "Split"]
@@ -65,11 +83,8 @@ def _tiktoken_encoding(tok: Any):
         return None
     if any(p.get("type") not in ("Split", "ByteLevel") or p.get("use_regex") for p in parts):
         return None
-    u2b = _unicode_to_bytes()
-    ranks = {bytes(u2b[ch] for ch in piece): idx for piece, idx in model["vocab"].items()}
-    special = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
     return tiktoken.Encoding(
-        name="qwen-sft-verified", pat_str=split[0]["pattern"]["Regex"], mergeable_ranks=ranks, special_tokens=special
+        name="qwen-sft-verified", pat_str=split[0]["pattern"]["Regex"], mergeable_ranks=ranks, special_tokens=added
     )
 
 
@@ -80,15 +95,14 @@ class Encoder:
         if engine not in ("auto", "hf", "tiktoken"):
             raise ValueError(f"{engine=}: expected auto, hf or tiktoken")
         self._backend = tok.backend_tokenizer
-        self._tt = None if engine == "hf" else _tiktoken_encoding(tok)
-        self._nfc = json.loads(self._backend.to_str()).get("normalizer") is not None
+        tt, self.byte_len, self._nfc = _layout(tok)
+        self._tt = None if engine == "hf" else tt
         self.name = "hf"
         if self._tt is not None:
             self.name = "tiktoken"
             self.verify(PROBES)
         elif engine == "tiktoken":
             raise ValueError("engine=tiktoken: this tokenizer's layout is not one tiktoken can reproduce")
-        self.byte_len = byte_length_table(tok)
 
     def reference(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=False).ids
