@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from qwen_sft.moe import DenseExperts, ExpertEngine, NF4Experts
 
-E, H, INTER, R = 8, 64, 32, 4
+E, H, INTER, R = 8, 64, 32, 8
 
 
 def _stock_experts(dtype: torch.dtype):
@@ -23,7 +23,8 @@ def _stock_experts(dtype: torch.dtype):
     return Qwen3MoeExperts(cfg).to(dtype)
 
 
-def _engine(quantize: bool, dtype: torch.dtype, lora: bool, chunk: int = 3, seed: int = 0) -> ExpertEngine:
+def _engine(quantize: bool, dtype: torch.dtype, lora: bool, chunk: int = 3, seed: int = 0,
+            grouped: bool = True) -> ExpertEngine:
     g = torch.Generator().manual_seed(seed)
     w1 = (torch.randn(E, 2 * INTER, H, generator=g) * 0.1).to(dtype)
     w2 = (torch.randn(E, H, INTER, generator=g) * 0.1).to(dtype)
@@ -33,6 +34,7 @@ def _engine(quantize: bool, dtype: torch.dtype, lora: bool, chunk: int = 3, seed
         stores = DenseExperts(w1), DenseExperts(w2)
     eng = ExpertEngine(*stores, chunk_experts=chunk)  # chunk 3 < 8 experts: exercises several dequant chunks
     eng.compute_dtype = dtype
+    eng.grouped_mm = None if grouped else False  # None: torch's grouped GEMM (usable here), False: per-expert loop
     if lora:
         eng.add_lora(R, 8.0, dtype=torch.float32, seed=seed)
         with torch.no_grad():  # B starts at zero (like peft); make the low-rank path matter
@@ -79,11 +81,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
 @pytest.mark.parametrize("dtype,quantize,top_k,allowed,tol", CASES)
-def test_forward_and_gradients_match_reference(dtype, quantize, top_k, allowed, tol):
-    eng = _engine(quantize, dtype, lora=True)
+def test_forward_and_gradients_match_reference(dtype, quantize, top_k, allowed, tol, grouped):
+    eng = _engine(quantize, dtype, lora=True, grouped=grouped)
     tokens = 37  # odd, so the per-expert counts are uneven
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert eng.use_grouped_mm(x) is grouped
     idx, wts = _routing(tokens, top_k, allowed, seed=2, dtype=dtype)
     counts = torch.bincount(idx.flatten(), minlength=E)
     assert (counts == 0).sum().item() == E - len(allowed)
@@ -125,8 +129,11 @@ def test_no_lora_frozen_base_only_input_grad():
 def test_chunk_size_does_not_change_results():
     x = torch.randn(20, H, generator=torch.Generator().manual_seed(5))
     idx, wts = _routing(20, 2, list(range(E)), seed=6, dtype=torch.float32)
-    outs = [_engine(True, torch.float32, lora=True, chunk=c)(x, idx, wts) for c in (1, 3, 8)]
+    outs = [_engine(True, torch.float32, lora=True, chunk=c, grouped=False)(x, idx, wts) for c in (1, 3, 8)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    grouped = [_engine(True, torch.float32, lora=True, chunk=c)(x, idx, wts) for c in (1, 8)]
+    torch.testing.assert_close(grouped[0], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped[1], outs[0], rtol=1e-5, atol=1e-6)
 
 
 def test_nf4_storage_bytes_and_error():

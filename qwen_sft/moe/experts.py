@@ -34,6 +34,53 @@ def _chunks(experts: list[int], counts: list[int], size: int):
         row += sum(cnt)
 
 
+def grouped_mm_usable(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
+    """Whether torch's grouped GEMM can run these shapes: bf16 on CUDA sm80+, bf16/fp32 on CPU, 16-byte rows."""
+    if not hasattr(F, "grouped_mm") and not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(w * x.element_size() % 16 for w in widths):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+
+
+class _GroupOps:
+    """Per-group matmuls over rows grouped by expert: one grouped GEMM each, or a loop over experts."""
+
+    def __init__(self, counts: list[int], device: torch.device, grouped: bool) -> None:
+        self.counts, self.grouped = counts, grouped
+        self.offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32) if grouped else None
+        self._gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+    def _loop(self, fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        out, row = [], 0
+        for g, n in enumerate(self.counts):
+            out.append(fn(g, slice(row, row + n), *tensors))
+            row += n
+        return out
+
+    def nt(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x_g @ w_g^T for w [k, out, in] (a linear layer per expert)."""
+        if self.grouped:
+            return self._gmm(x, w.transpose(-2, -1), offs=self.offs)
+        return torch.cat(self._loop(lambda g, r, x, w: x[r] @ w[g].T, x, w))
+
+    def nn(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x_g @ w_g for w [k, K, N] (the input-gradient direction)."""
+        if self.grouped:
+            return self._gmm(x, w, offs=self.offs)
+        return torch.cat(self._loop(lambda g, r, x, w: x[r] @ w[g], x, w))
+
+    def tn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a_g^T @ b_g -> [k, a_cols, b_cols] (weight gradients, summed over each expert's rows)."""
+        if self.grouped:
+            pad = (-a.shape[0]) % 16  # the transposed operand's row stride must be a multiple of 16 bytes
+            a_t = F.pad(a, (0, 0, 0, pad)).T.contiguous()
+            return self._gmm(a_t, F.pad(b, (0, 0, 0, pad)), offs=self.offs)
+        return torch.stack(self._loop(lambda g, r, a, b: a[r].T @ b[r], a, b))
+
+
 class _RoutedExpertsFn(torch.autograd.Function):
     """y = expert_e(x) for rows grouped by expert; LoRA factors are inputs so autograd hands us their grads."""
 
@@ -41,84 +88,77 @@ class _RoutedExpertsFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, engine: ExpertEngine, experts: list[int], counts: list[int],
                 a1: torch.Tensor | None, b1: torch.Tensor | None, a2: torch.Tensor | None,
                 b2: torch.Tensor | None) -> torch.Tensor:
-        dtype, inter, s = x.dtype, engine.intermediate_dim, engine.lora_scaling
-        lora = a1 is not None
-        y = x.new_empty(x.shape[0], engine.hidden_dim)
-        h_all = x.new_empty(x.shape[0], 2 * inter)
-        t1_all = x.new_empty(x.shape[0], a1.shape[1]) if lora else None
-        t2_all = x.new_empty(x.shape[0], a2.shape[1]) if lora else None
+        dtype, s, lora = x.dtype, engine.lora_scaling, a1 is not None
+        grouped = engine.use_grouped_mm(x)
+        ys, hs, t1s, t2s = [], [], [], []
         sc1, sc2 = engine.gate_up_base.scales(), engine.down_base.scales()
         for ids, cnt, row in _chunks(experts, counts, engine.chunk_experts):
             idx = torch.tensor(ids, device=x.device)
+            ops = _GroupOps(cnt, x.device, grouped)
             w1 = engine.gate_up_base.dequantize(idx, dtype, sc1)
             w2 = engine.down_base.dequantize(idx, dtype, sc2)
-            for j, (e, n) in enumerate(zip(ids, cnt)):
-                rows = slice(row, row + n)
-                row += n
-                xe = x[rows]
-                h = xe @ w1[j].T
-                if lora:
-                    t1 = xe @ a1[e].to(dtype).T
-                    h = h + s * (t1 @ b1[e].to(dtype).T)
-                    t1_all[rows] = t1
-                h_all[rows] = h
-                gate, up = h.chunk(2, dim=-1)
-                act = F.silu(gate) * up
-                ye = act @ w2[j].T
-                if lora:
-                    t2 = act @ a2[e].to(dtype).T
-                    ye = ye + s * (t2 @ b2[e].to(dtype).T)
-                    t2_all[rows] = t2
-                y[rows] = ye
+            xe = x[row:row + sum(cnt)]
+            h = ops.nt(xe, w1)
+            if lora:
+                t1 = ops.nt(xe, a1[idx].to(dtype))
+                h = h + s * ops.nt(t1, b1[idx].to(dtype))
+                t1s.append(t1)
+            hs.append(h)
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            y = ops.nt(act, w2)
+            if lora:
+                t2 = ops.nt(act, a2[idx].to(dtype))
+                y = y + s * ops.nt(t2, b2[idx].to(dtype))
+                t2s.append(t2)
+            ys.append(y)
             del w1, w2  # the dequantized chunk lives only while its tokens are computed
-        ctx.engine, ctx.experts, ctx.counts = engine, experts, counts
-        ctx.save_for_backward(x, h_all, t1_all, t2_all, a1, b1, a2, b2)
-        return y
+        ctx.engine, ctx.experts, ctx.counts, ctx.grouped = engine, experts, counts, grouped
+        cat = (lambda t: torch.cat(t) if t else None)  # noqa: E731
+        ctx.save_for_backward(x, cat(hs), cat(t1s), cat(t2s), a1, b1, a2, b2)
+        return torch.cat(ys) if ys else x.new_zeros(0, engine.hidden_dim)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, h_all, t1_all, t2_all, a1, b1, a2, b2 = ctx.saved_tensors
         engine: ExpertEngine = ctx.engine
-        dtype, s = x.dtype, engine.lora_scaling
-        lora = a1 is not None
+        dtype, s, lora = x.dtype, engine.lora_scaling, a1 is not None
         dy = dy.to(dtype)
-        dx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        dxs = []
         grads = [torch.zeros_like(p, dtype=torch.float32) if lora else None for p in (a1, b1, a2, b2)]
         sc1, sc2 = engine.gate_up_base.scales(), engine.down_base.scales()
         for ids, cnt, row in _chunks(ctx.experts, ctx.counts, engine.chunk_experts):
             idx = torch.tensor(ids, device=x.device)
+            ops = _GroupOps(cnt, x.device, ctx.grouped)
+            rows = slice(row, row + sum(cnt))
             # Recompute the dequantized weights rather than having saved them in forward.
             w1 = engine.gate_up_base.dequantize(idx, dtype, sc1)
             w2 = engine.down_base.dequantize(idx, dtype, sc2)
-            for j, (e, n) in enumerate(zip(ids, cnt)):
-                rows = slice(row, row + n)
-                row += n
-                dye, h = dy[rows], h_all[rows]
-                gate, up = h.chunk(2, dim=-1)
-                sig = torch.sigmoid(gate)
-                silu = gate * sig
+            dye, h = dy[rows], h_all[rows]
+            gate, up = h.chunk(2, dim=-1)
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            da = ops.nn(dye, w2)
+            if lora:
                 act = silu * up
-                da = dye @ w2[j]
-                if lora:
-                    a2e, b2e = a2[e].to(dtype), b2[e].to(dtype)
-                    dyb = dye @ b2e
-                    da = da + s * (dyb @ a2e)
-                    grads[3][e] += s * (dye.T @ t2_all[rows]).float()
-                    grads[2][e] += s * (dyb.T @ act).float()
-                dgate = da * up * (sig * (1 + gate * (1 - sig)))
-                dh = torch.cat([dgate, da * silu], dim=-1)
-                if dx is not None:
-                    dx[rows] = dh @ w1[j]
-                if lora:
-                    a1e, b1e = a1[e].to(dtype), b1[e].to(dtype)
-                    dhb = dh @ b1e
-                    if dx is not None:
-                        dx[rows] += s * (dhb @ a1e)
-                    grads[1][e] += s * (dh.T @ t1_all[rows]).float()
-                    grads[0][e] += s * (dhb.T @ x[rows]).float()
+                b2e = b2[idx].to(dtype)
+                dyb = ops.nn(dye, b2e)
+                da = da + s * ops.nn(dyb, a2[idx].to(dtype))
+                grads[3].index_add_(0, idx, s * ops.tn(dye, t2_all[rows]).float())
+                grads[2].index_add_(0, idx, s * ops.tn(dyb, act).float())
+            dgate = da * up * (sig * (1 + gate * (1 - sig)))
+            dh = torch.cat([dgate, da * silu], dim=-1)
+            dx = ops.nn(dh, w1)
+            if lora:
+                dhb = ops.nn(dh, b1[idx].to(dtype))
+                dx = dx + s * ops.nn(dhb, a1[idx].to(dtype))
+                grads[1].index_add_(0, idx, s * ops.tn(dh, t1_all[rows]).float())
+                grads[0].index_add_(0, idx, s * ops.tn(dhb, x[rows]).float())
+            dxs.append(dx)
             del w1, w2
+        dx = torch.cat(dxs) if dxs else torch.zeros_like(x)
         grads = [g.to(p.dtype) if g is not None else None for g, p in zip(grads, (a1, b1, a2, b2))]
-        return (dx, None, None, None, *grads)
+        return (dx if ctx.needs_input_grad[0] else None, None, None, None, *grads)
 
 
 class ExpertEngine(nn.Module):
@@ -139,6 +179,13 @@ class ExpertEngine(nn.Module):
         self.gate_up_base, self.down_base = gate_up, down
         self.chunk_experts = chunk_experts
         self.lora_rank, self.lora_alpha, self.lora_scaling = 0, 0.0, 0.0
+        self.grouped_mm: bool | None = None  # None: grouped GEMM when the shapes allow it, else a loop
+
+    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+        if self.grouped_mm is False:
+            return False
+        return grouped_mm_usable(x, (self.hidden_dim, 2 * self.intermediate_dim, self.intermediate_dim)
+                                 + ((self.lora_rank,) if self.has_lora else ()))
 
     def add_lora(self, r: int, alpha: float, dtype: torch.dtype, seed: int | None = None) -> None:
         """Per-expert factors initialised like peft (A Kaiming-uniform, B zero), so the model starts unchanged."""
