@@ -98,6 +98,25 @@ def test_bad_input_is_rejected_with_file_line_reason_and_never_a_traceback(tmp_p
     assert "read 8 = written 2 + rejected 6" in printed and "blank_lines=1" in printed
 
 
+def test_reading_problems_in_every_format_are_rejects_with_positions(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "arr.json").write_text('[{"input": "q", "output": "a"}, 5, {"x": 1}]')
+    (raw / "broken.json").write_bytes(b'{"input": "\xff", ')
+    (raw / "c.csv").write_bytes(b'input,output\nq,a\n"\xff",c\nx,y,z\n"multi\nline",a\n')
+    body = gzip.compress(b"".join(b'{"input": "q", "output": "a"}\n' for _ in range(20000)))
+    (raw / "t.jsonl.gz").write_bytes(body[: len(body) // 2])
+    (raw / "nan.jsonl").write_text('{"input": "q", "output": "a", "score": NaN}\n')
+    out = tmp_path / "out.jsonl"
+    assert main([str(raw), "-o", str(out)]) == 0
+    got = [(Path(r["file"]).name, r.get("line", r.get("index")), r["reason"]) for r in lines(Path(f"{out}.rejects.jsonl"))]
+    n_gz = len(lines(out)) - 3  # arr: 1, csv: 2
+    assert got == [("arr.json", 1, "not_an_object"), ("arr.json", 2, "unknown_shape"),
+                   ("broken.json", 0, "invalid_utf8"), ("c.csv", 3, "invalid_utf8"), ("c.csv", 4, "csv_extra_fields"),
+                   ("nan.jsonl", 1, "invalid_json"), ("t.jsonl.gz", n_gz + 1, "unreadable_file")]
+    assert lines(out)[2]["messages"][0]["content"] == "multi\nline" and n_gz > 1000
+
+
 def test_strict_stops_at_the_first_bad_record(tmp_path, capsys):
     src = jsonl(tmp_path / "a.jsonl", [PAIR, {"input": "q", "output": " "}, {"bad": 1}])
     out = tmp_path / "out.jsonl"

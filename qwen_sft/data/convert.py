@@ -137,17 +137,20 @@ def eval_count(n: int, ratio: float) -> int:
 
 
 def split_lines(src: Path, n: int, train: Path, evaluation: Path, ratio: float, seed: int) -> tuple[int, int]:
-    """Stream ``src`` (n lines) into train/eval. Held in memory: one bit per record, plus the eval indexes
-    while they are drawn (``random.Random(seed).sample``). Both files keep the input order."""
-    chosen = random.Random(seed).sample(range(n), eval_count(n, ratio))
-    bits = bytearray((n + 7) // 8)
-    for i in chosen:
-        bits[i >> 3] |= 1 << (i & 7)
-    n_eval = len(chosen)
-    del chosen
+    """Stream ``src`` (n lines) into train/eval, exactly ``eval_count(n, ratio)`` lines to eval, input order kept.
+
+    Selection sampling (Knuth's Algorithm S): line i goes to eval with probability (still needed)/(lines left),
+    so every subset of that size is equally likely and nothing per record is held in memory.
+    """
+    rng, need = random.Random(seed), eval_count(n, ratio)
+    n_eval = 0
     with open(src, "rb") as fh, atomic_open(train, "wb") as tr, atomic_open(evaluation, "wb") as ev:
         for i, line in enumerate(fh):
-            (ev if bits[i >> 3] >> (i & 7) & 1 else tr).write(line)
+            if rng.random() * (n - i) < need - n_eval:
+                ev.write(line)
+                n_eval += 1
+            else:
+                tr.write(line)
     return n - n_eval, n_eval
 
 
