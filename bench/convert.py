@@ -26,7 +26,8 @@ from qwen_sft.data.options import ConvertOptions
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    words = ["def", "return", "list", "파이썬", "함수", "값을", "loop", "index", "문자열", "class", "import", "yield"]
+    words = ["def", "return", "list", "파이썬", "함수", "값을", "loop", "index", "문자열", "class", "import",
+             "yield"]
 
     def text(k: int) -> str:
         return " ".join(rng.choice(words) for _ in range(k))

@@ -87,7 +87,8 @@ def test_bad_input_is_rejected_with_file_line_reason_and_never_a_traceback(tmp_p
     ])
     out = tmp_path / "out.jsonl"
     assert main([str(src), "-o", str(out)]) == 0
-    assert lines(out) == [PAIR_OUT, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    qa = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert lines(out) == [PAIR_OUT, qa]
     rejects = lines(tmp_path / "out.jsonl.rejects.jsonl")
     assert [(r["file"], r["line"], r["reason"]) for r in rejects] == [
         (str(src), 2, "invalid_json"), (str(src), 3, "invalid_utf8"), (str(src), 4, "not_an_object"),
@@ -109,7 +110,8 @@ def test_reading_problems_in_every_format_are_rejects_with_positions(tmp_path):
     (raw / "nan.jsonl").write_text('{"input": "q", "output": "a", "score": NaN}\n')
     out = tmp_path / "out.jsonl"
     assert main([str(raw), "-o", str(out)]) == 0
-    got = [(Path(r["file"]).name, r.get("line", r.get("index")), r["reason"]) for r in lines(Path(f"{out}.rejects.jsonl"))]
+    rejects = lines(Path(f"{out}.rejects.jsonl"))
+    got = [(Path(r["file"]).name, r.get("line", r.get("index")), r["reason"]) for r in rejects]
     n_gz = len(lines(out)) - 3  # arr: 1, csv: 2
     assert got == [("arr.json", 1, "not_an_object"), ("arr.json", 2, "unknown_shape"),
                    ("broken.json", 0, "invalid_utf8"), ("c.csv", 3, "invalid_utf8"), ("c.csv", 4, "csv_extra_fields"),
@@ -163,7 +165,8 @@ def test_legacy_flags_and_conflicts(tmp_path, capsys):
 def test_two_runs_are_byte_identical_and_outputs_are_never_read_back(tmp_path):
     raw = tmp_path / "raw"
     jsonl(raw / "b.jsonl", [PAIR, {"oops": 1}])
-    jsonl(raw / "a" / "c.jsonl", [{"messages": [{"role": "user", "content": "é"}, {"role": "assistant", "content": "ü"}]}])
+    accents = {"messages": [{"role": "user", "content": "é"}, {"role": "assistant", "content": "ü"}]}
+    jsonl(raw / "a" / "c.jsonl", [accents])
     out = raw / "out.jsonl"  # inside the input directory on purpose
     assert main([str(raw), "-o", str(out)]) == 0
     first = out.read_bytes(), (raw / "out.jsonl.rejects.jsonl").read_bytes()

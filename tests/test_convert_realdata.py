@@ -49,7 +49,8 @@ def test_reason_tool_use_parts(realdata_dir, tmp_path, capsys):
 
 
 def test_sweagent_trajectory(realdata_dir, tmp_path):
-    (record,) = convert(realdata_dir / "sweagent__marshmallow-1867__function_calling_replace.traj", tmp_path / "s.jsonl")
+    src = realdata_dir / "sweagent__marshmallow-1867__function_calling_replace.traj"
+    (record,) = convert(src, tmp_path / "s.jsonl")
     msgs = record["messages"]
     assert len(msgs) == 23 and msgs[0]["role"] == "system" and msgs[-1]["role"] == "assistant"  # trailing tool dropped
     assert msgs[-1]["tool_calls"] == [{"type": "function", "function": {"name": "submit", "arguments": {}}}]
@@ -65,8 +66,8 @@ def test_kullm_self_instruct_automatic_and_by_map(realdata_dir, tmp_path):
                      "--map", "assistant=instances.0.output")
     assert len(auto) == 252 and auto == mapped
     assert auto[0]["messages"][0]["content"].startswith("주어진 문장이 너무 장황하거나")
-    assert auto[0]["messages"][0]["content"].endswith("\n\n제 요금에 대해 궁금한 점이 있거나 이 프로젝트의 범위를 늘리거나 "
-                                                      "줄여야 할 필요가 있는 경우 알려주세요.")
+    assert auto[0]["messages"][0]["content"].endswith(
+        "\n\n제 요금에 대해 궁금한 점이 있거나 이 프로젝트의 범위를 늘리거나 줄여야 할 필요가 있는 경우 알려주세요.")
     assert "Grammarly" not in json.dumps(auto, ensure_ascii=False)  # motivation_app never leaks
 
 

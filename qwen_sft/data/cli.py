@@ -17,6 +17,7 @@ import argparse
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_sft.data.convert import StrictError, convert_inputs, convert_per_file, scratch_file, split_lines
@@ -30,7 +31,7 @@ DEFAULT_MODEL = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_to_chatml.py", allow_abbrev=False,
-                                description="Convert raw SFT data (JSONL, JSON, Parquet, CSV/TSV, .gz) to ChatML JSONL.")
+                                description="Convert raw SFT data (JSONL, JSON, Parquet, CSV/TSV, .gz) to ChatML.")
     p.add_argument("input", nargs="?", help="input file or directory (searched recursively, sorted order)")
     p.add_argument("-o", "--output", help=f"output ChatML JSONL (default {DEFAULT_OUTPUT})")
     p.add_argument("-s", "--system", help="system prompt added only to records without one (no default)")
@@ -67,6 +68,53 @@ def _pick(problems: list[str], pairs: list[tuple[str, str | None]]) -> str | Non
     if len({v for _, v in given}) > 1:
         problems.append(" and ".join(f"{n} {v!r}" for n, v in given) + " conflict; give one")
     return given[0][1] if given else None
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Every file a run may write, derived from -o (see docs/convert.md, "Output")."""
+
+    output: Path
+    train: Path
+    evaluation: Path
+    tokenize: bool
+    rejects: Path
+    out_dir: Path | None
+
+    @classmethod
+    def of(cls, output: Path, out_dir: Path | None, tokenize: bool) -> OutputPaths:
+        base = output.parent / (output.stem if output.suffix else output.name)
+        chatml_output = cls.chatml_of(output)
+        # Named after the ChatML file, so it never meets the tokenizer's own <output>.rejects.jsonl.
+        rejects = Path(f"{chatml_output if tokenize else output}.rejects.jsonl")
+        if out_dir is not None:
+            rejects = out_dir.resolve().parent / f"{out_dir.resolve().name}.rejects.jsonl"
+        return cls(output, Path(f"{base}_train.jsonl"), Path(f"{base}_eval.jsonl"), tokenize, rejects, out_dir)
+
+    @staticmethod
+    def chatml_of(path: Path) -> Path:
+        return path.parent / f"{path.stem}.chatml.jsonl"
+
+    @property
+    def chatml(self) -> Path:
+        """Where the ChatML goes without --split: the output itself, or <stem>.chatml.jsonl with --tokenize."""
+        return self.chatml_of(self.output) if self.tokenize else self.output
+
+    @property
+    def split_chatml(self) -> tuple[Path, Path]:
+        pair = (self.train, self.evaluation)
+        return tuple(self.chatml_of(p) for p in pair) if self.tokenize else pair
+
+    def tokenize_pairs(self, split: bool) -> list[tuple[Path, Path]]:
+        finals = [self.train, self.evaluation] if split else [self.output]
+        return [(self.chatml_of(p), p) for p in finals]
+
+    def own(self) -> set[Path]:
+        """Resolved paths this run writes (the tokenizer's side files too), never to be read as input."""
+        finals = [self.output, self.train, self.evaluation]
+        chatmls = [self.chatml_of(p) for p in finals]
+        side = [Path(f"{p}{suffix}") for p in finals + chatmls for suffix in (".rejects.jsonl", ".stats.json")]
+        return {p.resolve() for p in [self.rejects, *finals, *chatmls, *side]}
 
 
 def per_file_outputs(root: Path, inputs: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
@@ -114,7 +162,7 @@ def _run(argv: list[str] | None) -> int:
     elif not Path(source).exists():
         problems.append(f"input {source!r} does not exist")
     elif Path(source).is_file() and file_format(Path(source)) is None:
-        problems.append(f"{source!r}: unsupported file type (.jsonl, .json, .traj, .parquet, .csv, .tsv, or .gz of them)")
+        problems.append(f"{source!r}: unsupported file type (.jsonl .json .traj .parquet .csv .tsv, or their .gz)")
     if args.split and not 0 < args.eval_ratio < 1:
         problems.append(f"--eval_ratio must be between 0 and 1, found {args.eval_ratio}")
     if out_dir is not None and (args.split or args.tokenize):
@@ -134,14 +182,7 @@ def _run(argv: list[str] | None) -> int:
         print("convert_to_chatml: " + "\n  ".join(["cannot start:", *problems]), file=sys.stderr)
         return 2
     root = Path(source)
-    base = output.parent / (output.stem if output.suffix else output.name)
-    train, evaluation = Path(f"{base}_train.jsonl"), Path(f"{base}_eval.jsonl")
-    chatml = {p: p.parent / f"{p.stem}.chatml.jsonl" for p in (output, train, evaluation)}
-    # Named after the ChatML file, so it never meets the tokenizer's own <output>.rejects.jsonl.
-    rejects = Path(f"{chatml[output] if args.tokenize else output}.rejects.jsonl")
-    if out_dir is not None:
-        rejects = out_dir.resolve().parent / f"{out_dir.resolve().name}.rejects.jsonl"
-    own = {output, rejects, train, evaluation, *chatml.values()}
+    paths = OutputPaths.of(output, out_dir, args.tokenize)
     tokenize = None
     if args.tokenize:  # fail early: the tokenizer must load before any record is converted
         from qwen_sft.tokenizer import TokenizerLoadError, load_tokenizer
@@ -154,7 +195,10 @@ def _run(argv: list[str] | None) -> int:
             print(f"convert_to_chatml: --tokenize: {err}", file=sys.stderr)
             return 1
         tokenize = tokenize_chatml_file
-    inputs, skipped = find_inputs(root, {p.resolve() for p in own})
+    inputs, skipped = find_inputs(root, paths.own())
+    if out_dir is not None:  # a previous run's per-file outputs inside the input directory are not input
+        mine = [p for p in inputs if p.resolve().is_relative_to(out_dir.resolve())]
+        inputs, skipped = [p for p in inputs if p not in mine], skipped + mine
     for path in skipped:
         print(f"skipped (not a data file or one of this run's outputs): {path}", file=sys.stderr)
     if not inputs:
@@ -170,33 +214,33 @@ def _run(argv: list[str] | None) -> int:
         if out_dir is not None:
             merged = Path(args.merge_output or output) if args.merge or args.merge_output else None
             pairs = per_file_outputs(root, inputs, out_dir)
-            stats = convert_per_file(pairs, opts, rejects, merged)
+            stats = convert_per_file(pairs, opts, paths.rejects, merged)
             written = [dst for _, dst in pairs] + ([merged] if merged else [])
         elif args.split:
             with scratch_file(output) as tmp:
-                stats = convert_inputs(inputs, tmp, opts, rejects)
-                dst_train, dst_eval = (chatml[train], chatml[evaluation]) if tokenize else (train, evaluation)
-                n_train, n_eval = split_lines(tmp, sum(s.written for s in stats), dst_train, dst_eval, args.eval_ratio, args.seed)
+                stats = convert_inputs(inputs, tmp, opts, paths.rejects)
+                dst_train, dst_eval = paths.split_chatml
+                n_written = sum(s.written for s in stats)
+                n_train, n_eval = split_lines(tmp, n_written, dst_train, dst_eval, args.eval_ratio, args.seed)
             print(f"split (seed {args.seed}, eval_ratio {args.eval_ratio}): {n_train} train, {n_eval} eval",
                   file=sys.stderr)
             written = [dst_train, dst_eval]
         else:
-            stats = convert_inputs(inputs, chatml[output] if tokenize else output, opts, rejects)
-            written = [chatml[output] if tokenize else output]
+            stats = convert_inputs(inputs, paths.chatml, opts, paths.rejects)
+            written = [paths.chatml]
     except StrictError as err:
         print(f"convert_to_chatml: --strict: {err}", file=sys.stderr)
         return 1
     except ValueError as err:
         print(f"convert_to_chatml: {err}", file=sys.stderr)
         return 1
-    total_written = print_summary(stats, written, None if args.strict else rejects)
+    total_written = print_summary(stats, written, None if args.strict else paths.rejects)
     if total_written == 0:
         print("convert_to_chatml: no record could be converted; the rejects file says why", file=sys.stderr)
         return 1
     # ---- save the tokenized form
     if tokenize is not None:
-        targets = [(chatml[train], train), (chatml[evaluation], evaluation)] if args.split else [(chatml[output], output)]
-        for src, dst in targets:
+        for src, dst in paths.tokenize_pairs(args.split):
             try:
                 result = tokenize(src, dst, model=args.model, max_len=args.max_len,
                                   trust_remote_code=args.trust_remote_code)

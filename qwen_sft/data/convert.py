@@ -106,7 +106,9 @@ def _bar(opts: ConvertOptions) -> tqdm:
     return tqdm(unit=" rows", unit_scale=True, disable=disable, desc="convert", dynamic_ncols=True, mininterval=0.5)
 
 
-def convert_inputs(inputs: list[Path], output: Path, opts: ConvertOptions, rejects: Path | None = None) -> list[FileStats]:
+def convert_inputs(
+    inputs: list[Path], output: Path, opts: ConvertOptions, rejects: Path | None = None
+) -> list[FileStats]:
     """All inputs merged into one ChatML file (and one rejects file), both written atomically."""
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(atomic_open(output, "wb"))

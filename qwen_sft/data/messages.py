@@ -43,7 +43,8 @@ def maybe_json(value: Any, what: str) -> Any:
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as err:
-        raise BadRecord("invalid_json_field", f"{what} is a string that is not JSON ({err}): {preview(value)}") from None
+        detail = f"{what} is a string that is not JSON ({err}): {preview(value)}"
+        raise BadRecord("invalid_json_field", detail) from None
 
 
 def normalize_tools(value: Any, notes: Counter) -> list[dict]:
@@ -69,7 +70,8 @@ def normalize_tools(value: Any, notes: Counter) -> list[dict]:
         params = maybe_json(fn.get("parameters"), f"tools[{i}].parameters")
         params = {"type": "object", "properties": {}} if params is None else params
         if not isinstance(description, str) or not isinstance(params, dict):
-            raise BadRecord("bad_tool", f"tools[{i}] ({fn['name']}): description must be a string, parameters an object")
+            detail = f"tools[{i}] ({fn['name']}): description must be a string, parameters an object"
+            raise BadRecord("bad_tool", detail)
         if "properties" not in params:
             # The official template iterates parameters.properties unconditionally.
             params = {**params, "properties": {}}

@@ -177,7 +177,7 @@ def resolve(rec: Any, path: tuple[str, ...]) -> Any:
 
 
 def from_field_map(rec: dict, fmap: FieldMap, notes: Counter, opts: ConvertOptions) -> Converted:
-    """``--map``: a nested messages/conversations list, or system/user/assistant texts (repeats joined by a blank line)."""
+    """``--map``: a nested messages/conversations list, or system/user/assistant texts (repeats: blank-line joined)."""
     for target, convert in (("messages", from_messages), ("conversations", from_sharegpt)):
         if fmap.paths(target):
             inner = {target: resolve(rec, fmap.paths(target)[0])}
@@ -190,7 +190,8 @@ def from_field_map(rec: dict, fmap: FieldMap, notes: Counter, opts: ConvertOptio
         for path in fmap.paths(target):
             value = resolve(rec, path)
             if not isinstance(value, str):
-                raise BadRecord("wrong_type", f"--map {target}={'.'.join(path)} is {type_name(value)}, expected a string")
+                where = f"--map {target}={'.'.join(path)}"
+                raise BadRecord("wrong_type", f"{where} is {type_name(value)}, expected a string")
             if value and not value.isspace():  # an empty piece adds nothing, like Alpaca's empty input
                 pieces.append(value)
         texts[target] = "\n\n".join(pieces)

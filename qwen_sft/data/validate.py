@@ -38,7 +38,7 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
         if role == "tool":
             prev = messages[i - 1] if i else None
             if prev is None or not (prev["role"] == "tool" or prev.get("tool_calls")):
-                raise BadRecord("tool_without_call", f"message {i} is a tool result with no assistant tool call before it")
+                raise BadRecord("tool_without_call", f"message {i} is a tool result with no tool call before it")
         elif (not content or content.isspace()) and not calls:
             # Tool output may be legitimately empty (a command that printed nothing); nothing else may.
             reason = "empty_assistant" if role == "assistant" else "empty_content"
