@@ -187,11 +187,11 @@ def _quantization_hint(obj: Any, where: str) -> str | None:
     if isinstance(obj, dict):
         for key, value in obj.items():
             k = str(key).lower()
-            if k in ("load_in_4bit", "load_in_8bit") and value is True:
+            # use_qlora: qwen-sft train's train_config.yaml; quantize_experts: the MoE expert engine (NF4 experts);
+            # load_in_4bit/8bit: a BitsAndBytesConfig dump. bnb_4bit_quant_type alone is a default, not a signal.
+            if k in ("use_qlora", "load_in_4bit", "load_in_8bit", "quantize_experts") and value is True:
                 return f"{key}=true in {where}"
             if k in ("method", "finetuning_type", "mode", "training_mode", "peft_method") and str(value).lower() == "qlora":
-                return f"{key}={value} in {where}"
-            if k in ("quantization", "quant", "bnb_4bit_quant_type") and value and str(value).lower() not in ("none", "false"):
                 return f"{key}={value} in {where}"
             found = _quantization_hint(value, where)
             if found:

@@ -99,21 +99,26 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_path).resolve()
     adapter_root = Path(args.adapter_path)
     jobs = find_jobs(adapter_root, args.all_checkpoints)
-    base = read_base(args.base_model_path)
-    check_paths(out, base.path, adapter_root)
-
-    # Validate every adapter against the base before any weight is read; report all broken ones at once.
+    # Validate the base and every adapter (against the base) before any weight is read; report all at once.
     work, errors = [], []
+    try:
+        base = read_base(args.base_model_path)
+        check_paths(out, base.path, adapter_root)
+    except MergeError as err:
+        base = None
+        errors.append(str(err))
     for adapter_dir, sub in jobs:
         try:
             adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
+            if base is None:
+                continue
             plan = plan_merge(adapter, base)
             if adapter.tokenizer_dir is None and find_tokenizer_dir(base.path) is None:
                 raise MergeError(f"no tokenizer beside {adapter_dir} or in {base.path}; the merged model needs one")
             work.append((adapter, plan, sub))
         except MergeError as err:
             errors.append(str(err))
-    if errors:
+    if errors or base is None:
         raise MergeError("\n".join(errors))
     for adapter, plan, _ in work:
         print(_summary(adapter, plan))

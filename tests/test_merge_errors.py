@@ -1,0 +1,169 @@
+"""Bad inputs and wrong merges: a clear message, exit code 1, no traceback, and no output directory.
+
+    python -m pytest -q tests/test_merge_errors.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_sft.merge.cli import main
+from qwen_sft.model.tiny import TinySpec, make_tiny_model
+
+SPEC = TinySpec(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=24, experts=8, active=2, moe_intermediate=24)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("merge_err") / "base", SPEC)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(base_dir, tmp_path_factory) -> Path:
+    """Attention + fused expert LoRA with random non-zero lora_B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    out = tmp_path_factory.mktemp("merge_err") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def copy_adapter(adapter_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(adapter_dir, tmp_path / "adapter"))
+
+
+def fails(capsys, base: Path, adapter: Path, out: Path, *extra: str) -> str:
+    """Run the merge, expect exit 1 with a one-shot message and no output; return the message."""
+    rc = main(["--base_model_path", str(base), "--adapter_path", str(adapter), "--output_path", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "merge: error: " in err and "Traceback" not in err  # (the progress bar shares stderr)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp dir left behind
+    return err
+
+
+def test_wrong_base_shapes(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    """The default tiny model has head_dim 16 and moe_intermediate 32: every target is reported at once."""
+    err = fails(capsys, tiny_model_dir, adapter_dir, tmp_path / "out")
+    assert "does not fit base" in err and "(wrong base?)" in err
+    assert "model.layers.0.self_attn.q_proj: ΔW would be (96, 64) but the base weight is (64, 64)" in err
+    assert "model.layers.1.mlp.experts: lora_A (32, 24) / lora_B (64, 32) fit neither gate_up_proj" in err
+
+
+def test_wrong_architecture(base_dir, adapter_dir, tmp_path, capsys):
+    adapter = copy_adapter(adapter_dir, tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["auto_mapping"] = {"base_model_class": "MixtralForCausalLM", "parent_library": "transformers"}
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    err = fails(capsys, base_dir, adapter, tmp_path / "out")
+    assert "the adapter was trained on a MixtralForCausalLM, the base is ['Qwen3MoeForCausalLM']" in err
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no_weights", "adapter_model.safetensors is missing: the adapter directory is incomplete"),
+    ("no_config", "adapter_config.json is missing"),
+    ("truncated", "cannot be read"),
+    ("pickle_only", "has only adapter_model.bin, a pickle"),
+    ("bad_json", "is not valid JSON"),
+    ("missing_factor", "lora_B is missing from adapter_model.safetensors"),
+    ("rank_mismatch", "adapter_config says r=8 but the saved factors have rank 4"),
+])
+def test_damaged_adapter(base_dir, adapter_dir, tmp_path, capsys, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    adapter = copy_adapter(adapter_dir, tmp_path)
+    weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    if damage == "no_weights":
+        weights.unlink()
+    elif damage == "no_config":
+        config.unlink()
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "pickle_only":
+        weights.rename(adapter / "adapter_model.bin")
+    elif damage == "bad_json":
+        config.write_text(config.read_text()[:-5])
+    elif damage == "missing_factor":
+        sd = load_file(weights)
+        del sd["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+        save_file(sd, weights)
+    elif damage == "rank_mismatch":
+        cfg = json.loads(config.read_text())
+        config.write_text(json.dumps({**cfg, "r": 8}))
+    assert message in fails(capsys, base_dir, adapter, tmp_path / "out")
+
+
+def test_corrupted_base_shard(base_dir, adapter_dir, tmp_path, capsys):
+    base = Path(shutil.copytree(base_dir, tmp_path / "base"))
+    shard = base / "model.safetensors"
+    shard.write_bytes(b"\x00" * 64)
+    assert "model.safetensors cannot be read" in fails(capsys, base, adapter_dir, tmp_path / "out")
+
+
+def test_existing_output_is_untouched_on_failure(base_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous merge")
+    rc = main(["--base_model_path", str(base_dir), "--adapter_path", str(tmp_path / "nope"), "--output_path", str(out)])
+    assert rc == 1 and "does not exist" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_output_inside_an_input_is_refused(base_dir, adapter_dir, tmp_path, capsys):
+    rc = main(["--base_model_path", str(base_dir), "--adapter_path", str(adapter_dir),
+               "--output_path", str(adapter_dir / "merged")])
+    assert rc == 1 and "overlaps --adapter_path" in capsys.readouterr().err
+    assert not (adapter_dir / "merged").exists()
+
+
+@pytest.mark.parametrize("bug", ["no_op", "swapped_gate_up", "wrong_expert"])
+def test_verification_catches_a_wrong_merge(base_dir, adapter_dir, tmp_path, capsys, monkeypatch, bug):
+    """The bugs other tools shipped: an unmodified base, gate/up swapped, experts mixed up. None may pass."""
+    from qwen_sft.merge import plan
+
+    real = plan.Delta.compute
+
+    def broken(self):
+        if self.kind != "expert":
+            return real(self)
+        if bug == "no_op":
+            return real(self) * 0
+        if bug == "swapped_gate_up" and self.rows is not None:
+            half = self.B.shape[0] // 2
+            other = slice(half, None) if self.rows.start == 0 else slice(0, half)
+            return real(plan.Delta(**{**self.__dict__, "rows": other}))
+        return real(plan.Delta(**{**self.__dict__, "expert": (self.expert + 1) % self.num_experts}))
+
+    monkeypatch.setattr(plan.Delta, "compute", broken)
+    err = fails(capsys, base_dir, adapter_dir, tmp_path / "out")
+    assert "verification failed" in err and "nothing was written" in err
+
+
+def test_entry_point_script(tmp_path):
+    """merge_adapter.py is the seed's command; an error exits 1 with one line and no traceback."""
+    proc = subprocess.run([sys.executable, str(REPO / "merge_adapter.py"), "--base_model_path", str(tmp_path / "b"),
+                           "--train_adapters_path", str(tmp_path / "a"), "--output_path", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        f"merge: error: --base_model_path {tmp_path / 'b'}: no such directory",
+        f"adapter directory {tmp_path / 'a'} does not exist"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
