@@ -102,15 +102,29 @@ def test_adapter_loads_on_stock_peft_with_same_logits(base_dir, tmp_path, quanti
         assert torch.equal(v, ref_sd[k]), k
 
 
-def test_save_refuses_mismatched_rank(base_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
+def test_expert_ranks_differing_from_attention_go_to_rank_pattern(base_dir, tmp_path):
+    """Seed configs name gate_proj + up_proj at rank r: the fused gate_up gets 2r, 2*alpha (peft's rewrite)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     model = _load_stock(base_dir)
-    install_expert_engine(model, quantize_experts=False, lora=ExpertLoraSpec(r=4, alpha=8), compute_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="must share r and alpha"):
-        save_adapter(model, tmp_path / "a")
-    assert not (tmp_path / "a").exists()
+    spec = ExpertLoraSpec.from_lora_config({"r": 4, "lora_alpha": 8, "rank_pattern": {"gate_up_proj": 8},
+                                            "alpha_pattern": {"gate_up_proj": 16}})
+    assert (spec.r, spec.alpha, spec.gate_up_r, spec.gate_up_alpha) == (4, 8.0, 8, 16.0)
+    install_expert_engine(model, quantize_experts=False, lora=spec, compute_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"]))
+    _randomize_lora_B(model)
+    model.eval()
+    out = save_adapter(model, tmp_path / "a")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"gate_up_proj": 8, "down_proj": 4}
+    assert cfg["alpha_pattern"] == {"gate_up_proj": 16.0, "down_proj": 8.0}
+    theirs = _logits(PeftModel.from_pretrained(_load_stock(base_dir), out).eval())
+    torch.testing.assert_close(_logits(model), theirs, rtol=1e-4, atol=1e-4)
+    fresh = _load_stock(base_dir)
+    install_expert_engine(fresh, quantize_experts=False, lora=None, compute_dtype=torch.float32)
+    load_expert_adapter(fresh, out)
+    eng = next(iter(expert_engines(fresh).values()))
+    assert eng.lora_rank == {"gate_up": 8, "down": 4} and eng.lora_scaling == {"gate_up": 2.0, "down": 2.0}
 
 
 def test_qlora_storage_trainable_groups_and_one_step(base_dir):

@@ -36,7 +36,7 @@ def _engine(quantize: bool, dtype: torch.dtype, lora: bool, chunk: int = 3, seed
     eng.compute_dtype = dtype
     eng.grouped_mm = None if grouped else False  # None: torch's grouped GEMM (usable here), False: per-expert loop
     if lora:
-        eng.add_lora(R, 8.0, dtype=torch.float32, seed=seed)
+        eng.add_lora(R, 8.0, dtype=torch.float32, seed=seed, gate_up_r=2 * R, gate_up_alpha=32.0)
         with torch.no_grad():  # B starts at zero (like peft); make the low-rank path matter
             eng.lora_gate_up_B.normal_(0, 0.1, generator=g)
             eng.lora_down_B.normal_(0, 0.1, generator=g)
@@ -50,9 +50,9 @@ def _reference(eng: ExpertEngine, x, idx, wts, dtype):
     w2 = eng.down_base.dequantize(None, torch.float32)
     params = {"gate_up_proj": w1, "down_proj": w2}
     if eng.has_lora:
-        s = eng.lora_scaling
-        params["gate_up_proj"] = w1 + s * torch.einsum("eor,eri->eoi", eng.lora_gate_up_B, eng.lora_gate_up_A)
-        params["down_proj"] = w2 + s * torch.einsum("eor,eri->eoi", eng.lora_down_B, eng.lora_down_A)
+        s1, s2 = eng.lora_scaling["gate_up"], eng.lora_scaling["down"]
+        params["gate_up_proj"] = w1 + s1 * torch.einsum("eor,eri->eoi", eng.lora_gate_up_B, eng.lora_gate_up_A)
+        params["down_proj"] = w2 + s2 * torch.einsum("eor,eri->eoi", eng.lora_down_B, eng.lora_down_A)
     params = {k: v.to(dtype) for k, v in params.items()}
     return functional_call(stock, params, (x, idx, wts))
 

@@ -88,7 +88,8 @@ class _RoutedExpertsFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, engine: ExpertEngine, experts: list[int], counts: list[int],
                 a1: torch.Tensor | None, b1: torch.Tensor | None, a2: torch.Tensor | None,
                 b2: torch.Tensor | None) -> torch.Tensor:
-        dtype, s, lora = x.dtype, engine.lora_scaling, a1 is not None
+        dtype, lora = x.dtype, a1 is not None
+        s1, s2 = engine.lora_scaling.get("gate_up", 0.0), engine.lora_scaling.get("down", 0.0)
         grouped = engine.use_grouped_mm(x)
         ys, hs, t1s, t2s = [], [], [], []
         sc1, sc2 = engine.gate_up_base.scales(), engine.down_base.scales()
@@ -101,7 +102,7 @@ class _RoutedExpertsFn(torch.autograd.Function):
             h = ops.nt(xe, w1)
             if lora:
                 t1 = ops.nt(xe, a1[idx].to(dtype))
-                h = h + s * ops.nt(t1, b1[idx].to(dtype))
+                h = h + s1 * ops.nt(t1, b1[idx].to(dtype))
                 t1s.append(t1)
             hs.append(h)
             gate, up = h.chunk(2, dim=-1)
@@ -109,7 +110,7 @@ class _RoutedExpertsFn(torch.autograd.Function):
             y = ops.nt(act, w2)
             if lora:
                 t2 = ops.nt(act, a2[idx].to(dtype))
-                y = y + s * ops.nt(t2, b2[idx].to(dtype))
+                y = y + s2 * ops.nt(t2, b2[idx].to(dtype))
                 t2s.append(t2)
             ys.append(y)
             del w1, w2  # the dequantized chunk lives only while its tokens are computed
@@ -122,7 +123,8 @@ class _RoutedExpertsFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, h_all, t1_all, t2_all, a1, b1, a2, b2 = ctx.saved_tensors
         engine: ExpertEngine = ctx.engine
-        dtype, s, lora = x.dtype, engine.lora_scaling, a1 is not None
+        dtype, lora = x.dtype, a1 is not None
+        s1, s2 = engine.lora_scaling.get("gate_up", 0.0), engine.lora_scaling.get("down", 0.0)
         dy = dy.to(dtype)
         dxs = []
         grads = [torch.zeros_like(p, dtype=torch.float32) if lora else None for p in (a1, b1, a2, b2)]
@@ -143,17 +145,17 @@ class _RoutedExpertsFn(torch.autograd.Function):
                 act = silu * up
                 b2e = b2[idx].to(dtype)
                 dyb = ops.nn(dye, b2e)
-                da = da + s * ops.nn(dyb, a2[idx].to(dtype))
-                grads[3].index_add_(0, idx, s * ops.tn(dye, t2_all[rows]).float())
-                grads[2].index_add_(0, idx, s * ops.tn(dyb, act).float())
+                da = da + s2 * ops.nn(dyb, a2[idx].to(dtype))
+                grads[3].index_add_(0, idx, s2 * ops.tn(dye, t2_all[rows]).float())
+                grads[2].index_add_(0, idx, s2 * ops.tn(dyb, act).float())
             dgate = da * up * (sig * (1 + gate * (1 - sig)))
             dh = torch.cat([dgate, da * silu], dim=-1)
             dx = ops.nn(dh, w1)
             if lora:
                 dhb = ops.nn(dh, b1[idx].to(dtype))
-                dx = dx + s * ops.nn(dhb, a1[idx].to(dtype))
-                grads[1].index_add_(0, idx, s * ops.tn(dh, t1_all[rows]).float())
-                grads[0].index_add_(0, idx, s * ops.tn(dhb, x[rows]).float())
+                dx = dx + s1 * ops.nn(dhb, a1[idx].to(dtype))
+                grads[1].index_add_(0, idx, s1 * ops.tn(dh, t1_all[rows]).float())
+                grads[0].index_add_(0, idx, s1 * ops.tn(dhb, x[rows]).float())
             dxs.append(dx)
             del w1, w2
         dx = torch.cat(dxs) if dxs else torch.zeros_like(x)
@@ -178,17 +180,25 @@ class ExpertEngine(nn.Module):
             raise ValueError(f"down_proj shape {tuple(down.shape)} does not match gate_up_proj {tuple(gate_up.shape)}")
         self.gate_up_base, self.down_base = gate_up, down
         self.chunk_experts = chunk_experts
-        self.lora_rank, self.lora_alpha, self.lora_scaling = 0, 0.0, 0.0
+        # Per fused parameter ("gate_up", "down"): rank, alpha and alpha / rank, as peft's rank/alpha_pattern.
+        self.lora_rank: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_scaling: dict[str, float] = {}
         self.grouped_mm: bool | None = None  # None: grouped GEMM when the shapes allow it, else a loop
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.grouped_mm is False:
             return False
         return grouped_mm_usable(x, (self.hidden_dim, 2 * self.intermediate_dim, self.intermediate_dim)
-                                 + ((self.lora_rank,) if self.has_lora else ()))
+                                 + tuple(self.lora_rank.values()))
 
-    def add_lora(self, r: int, alpha: float, dtype: torch.dtype, seed: int | None = None) -> None:
-        """Per-expert factors initialised like peft (A Kaiming-uniform, B zero), so the model starts unchanged."""
+    def add_lora(self, r: int, alpha: float, dtype: torch.dtype, seed: int | None = None,
+                 gate_up_r: int | None = None, gate_up_alpha: float | None = None) -> None:
+        """Per-expert factors initialised like peft (A Kaiming-uniform, B zero), so the model starts unchanged.
+
+        ``r``/``alpha`` apply to down_proj and, unless ``gate_up_r``/``gate_up_alpha`` are given, to gate_up_proj.
+        """
+        r1, a1 = gate_up_r or r, gate_up_alpha if gate_up_alpha is not None else alpha
         e, h, i = self.num_experts, self.hidden_dim, self.intermediate_dim
         device = self.gate_up_base.packed.device if isinstance(self.gate_up_base, NF4Experts) \
             else self.gate_up_base.weight.device
@@ -200,15 +210,17 @@ class ExpertEngine(nn.Module):
             bound = 1.0 / cols ** 0.5
             return (torch.rand(e, rows, cols, generator=gen) * 2 - 1).mul_(bound).to(device, dtype)
 
-        self.lora_gate_up_A = nn.Parameter(kaiming(r, h))
-        self.lora_gate_up_B = nn.Parameter(torch.zeros(e, 2 * i, r, device=device, dtype=dtype))
+        self.lora_gate_up_A = nn.Parameter(kaiming(r1, h))
+        self.lora_gate_up_B = nn.Parameter(torch.zeros(e, 2 * i, r1, device=device, dtype=dtype))
         self.lora_down_A = nn.Parameter(kaiming(r, i))
         self.lora_down_B = nn.Parameter(torch.zeros(e, h, r, device=device, dtype=dtype))
-        self.lora_rank, self.lora_alpha, self.lora_scaling = r, float(alpha), float(alpha) / r
+        self.lora_rank = {"gate_up": r1, "down": r}
+        self.lora_alpha = {"gate_up": float(a1), "down": float(alpha)}
+        self.lora_scaling = {k: self.lora_alpha[k] / self.lora_rank[k] for k in self.lora_rank}
 
     @property
     def has_lora(self) -> bool:
-        return self.lora_rank > 0
+        return bool(self.lora_rank)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -235,4 +247,4 @@ class ExpertEngine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, " \
-               f"lora_r={self.lora_rank}, lora_alpha={self.lora_alpha}, chunk_experts={self.chunk_experts}"
+               f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, chunk_experts={self.chunk_experts}"

@@ -30,16 +30,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExpertLoraSpec:
-    """LoRA on every expert: per-expert rank ``r`` (peft's meaning for target_parameters), scale alpha / r."""
+    """LoRA on every expert: per-expert rank ``r`` (peft's meaning for target_parameters), scale alpha / r.
+
+    ``gate_up_r``/``gate_up_alpha`` override the fused gate/up projection (peft's ``rank_pattern`` /
+    ``alpha_pattern`` key ``gate_up_proj``): a seed config naming gate_proj and up_proj at rank r becomes
+    rank 2r, alpha 2*alpha on the fused matrix.
+    """
 
     r: int = 8
     alpha: float = 16.0
+    gate_up_r: int | None = None
+    gate_up_alpha: float | None = None
     dtype: torch.dtype = torch.float32  # trainable factors in fp32, like peft's autocast_adapter_dtype
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ValueError(f"ExpertLoraSpec.r must be positive, got r={self.r}")
+        bad = [f"{k}={v}" for k, v in (("r", self.r), ("gate_up_r", self.gate_up_r)) if v is not None and v <= 0]
+        if bad:
+            raise ValueError(f"ExpertLoraSpec ranks must be positive, got {', '.join(bad)}")
+
+    @classmethod
+    def from_lora_config(cls, cfg: dict, **kw) -> ExpertLoraSpec:
+        """From a peft adapter config dict (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``)."""
+        rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        r, alpha = int(rp.get("down_proj", cfg.get("r", 8))), float(ap.get("down_proj", cfg.get("lora_alpha", 16)))
+        gate_up_alpha = ap.get("gate_up_proj")
+        return cls(r=r, alpha=alpha, gate_up_r=rp.get("gate_up_proj"),
+                   gate_up_alpha=None if gate_up_alpha is None else float(gate_up_alpha), **kw)
 
 
 @dataclass
@@ -113,7 +130,8 @@ def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_qu
         engine = ExpertEngine(*stores, hidden_act=hidden_act, chunk_experts=chunk_experts)
         engine.compute_dtype = compute_dtype
         if lora is not None:
-            engine.add_lora(lora.r, lora.alpha, dtype=lora.dtype, seed=lora.seed + report.layers)
+            engine.add_lora(lora.r, lora.alpha, dtype=lora.dtype, seed=lora.seed + report.layers,
+                            gate_up_r=lora.gate_up_r, gate_up_alpha=lora.gate_up_alpha)
             report.lora_params += sum(p.numel() for n, p in engine.named_parameters() if n.startswith("lora_"))
         block.experts = engine
         # Drop the 16-bit originals now so the next layer can reuse their memory.

@@ -27,6 +27,7 @@ from torch import nn
 
 from qwen_sft.atomic import atomic_dir
 from qwen_sft.moe.experts import ExpertEngine
+from qwen_sft.moe.install import ExpertLoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pa
     engines = {p: e for p, e in expert_engines(model).items() if e.has_lora}
     if not engines:
         raise ValueError("no expert LoRA to save: install_expert_engine(..., lora=ExpertLoraSpec(...)) first")
-    ranks = {(e.lora_rank, e.lora_alpha) for e in engines.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"expert LoRA layers disagree on (r, alpha): {sorted(ranks)}")
-    (r, alpha), = ranks
+    settings = {tuple((k, e.lora_rank[k], e.lora_alpha[k]) for k in ("gate_up", "down")) for e in engines.values()}
+    if len(settings) != 1:
+        raise ValueError(f"expert LoRA layers disagree on (rank, alpha): {sorted(settings)}")
+    (setting,) = settings
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         tensors: dict[str, torch.Tensor] = {}
@@ -107,17 +108,25 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pa
             model.save_pretrained(tmp)
             tensors = load_file(str(tmp / "adapter_model.safetensors"))
             cfg = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
-            if (cfg["r"], float(cfg["lora_alpha"])) != (r, alpha) or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-                raise ValueError(
-                    f"attention LoRA (r={cfg['r']}, alpha={cfg['lora_alpha']}) and expert LoRA ({r=}, {alpha=}) "
-                    "must share r and alpha to be written as one peft adapter; use the same values for both"
-                )
         else:
             from peft import LoraConfig
 
+            _, r, alpha = setting[1]
             cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[], target_parameters=TARGET_PARAMETERS,
                              base_model_name_or_path=base_model_name_or_path).to_dict()
             cfg = json.loads(json.dumps(cfg, default=list))
+        # Where the experts' rank/alpha differ from the config's r/alpha, peft reads them from rank_pattern /
+        # alpha_pattern keyed by the parameter name (checked: ParamWrapper gets that rank and scale).
+        rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
+        for name, rank, alpha in setting:
+            key = f"{name}_proj"
+            rank_pattern.pop(key, None)
+            alpha_pattern.pop(key, None)
+            if rank != int(cfg["r"]):
+                rank_pattern[key] = rank
+            if alpha != float(cfg["lora_alpha"]):
+                alpha_pattern[key] = alpha
+        cfg["rank_pattern"], cfg["alpha_pattern"] = rank_pattern, alpha_pattern
         if cfg.get("lora_dropout"):
             # peft's ParamWrapper refuses lora_dropout != 0; dropout is a training-time op, so loading for
             # inference or merging with 0 computes exactly the trained function.
@@ -144,7 +153,9 @@ def load_expert_adapter(model: nn.Module, adapter_dir: str | Path, *, strict: bo
     adapter_dir = Path(adapter_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    spec = ExpertLoraSpec.from_lora_config(cfg)
+    want = {"gate_up": (spec.gate_up_r or spec.r, spec.gate_up_alpha if spec.gate_up_alpha is not None else spec.alpha),
+            "down": (spec.r, spec.alpha)}
     loaded, missing = 0, []
     for path, eng in expert_engines(model).items():
         keys = {ours: f"base_model.model.{path}.{infix}" for ours, infix in _PEFT_KEYS.items()}
@@ -153,9 +164,11 @@ def load_expert_adapter(model: nn.Module, adapter_dir: str | Path, *, strict: bo
             missing += absent
             continue
         if not eng.has_lora:
-            eng.add_lora(r, alpha, dtype=tensors[keys["lora_gate_up_A"]].dtype)
-        elif (eng.lora_rank, eng.lora_alpha) != (r, alpha):
-            raise ValueError(f"{path}: engine has r={eng.lora_rank}, alpha={eng.lora_alpha}; adapter has {r=}, {alpha=}")
+            eng.add_lora(spec.r, spec.alpha, dtype=tensors[keys["lora_gate_up_A"]].dtype,
+                         gate_up_r=spec.gate_up_r, gate_up_alpha=spec.gate_up_alpha)
+        have = {k: (eng.lora_rank[k], eng.lora_alpha[k]) for k in want}
+        if have != want:
+            raise ValueError(f"{path}: engine LoRA (rank, alpha) {have} != adapter's {want}")
         with torch.no_grad():
             for ours, key in keys.items():
                 param = getattr(eng, ours)
