@@ -14,6 +14,7 @@ from qwen_sft.moe.install import (
     install_expert_engine,
     trainable_parameter_groups,
 )
+from qwen_sft.moe.load import load_moe_model
 from qwen_sft.moe.lora import TARGET_PARAMETERS, expert_state_dict, load_expert_adapter, save_adapter
 from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
 
@@ -27,6 +28,7 @@ __all__ = [
     "enable_expert_lora",
     "expert_state_dict",
     "install_expert_engine",
+    "load_moe_model",
     "load_expert_adapter",
     "save_adapter",
     "trainable_parameter_groups",

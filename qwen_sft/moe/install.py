@@ -105,6 +105,25 @@ def _find_expert_parents(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def build_engine(gate_up: torch.Tensor, down: torch.Tensor, *, quantize_experts: bool, double_quant: bool,
+                 lora: ExpertLoraSpec | None, compute_dtype: torch.dtype, hidden_act: str, blocksize: int,
+                 chunk_experts: int, report: EngineReport, path: str) -> ExpertEngine:
+    """One layer's engine from its fused ``gate_up [E, 2I, H]`` and ``down [E, H, I]``; updates ``report``."""
+    stores = [NF4Experts.quantize(w, blocksize=blocksize, double_quant=double_quant) if quantize_experts
+              else DenseExperts(w) for w in (gate_up, down)]
+    engine = ExpertEngine(*stores, hidden_act=hidden_act, chunk_experts=chunk_experts)
+    engine.compute_dtype = compute_dtype
+    if lora is not None:
+        engine.add_lora(lora.r, lora.alpha, dtype=lora.dtype, seed=lora.seed + report.layers,
+                        gate_up_r=lora.gate_up_r, gate_up_alpha=lora.gate_up_alpha)
+        report.lora_params += sum(p.numel() for n, p in engine.named_parameters() if n.startswith("lora_"))
+    report.expert_weights += gate_up.numel() + down.numel()
+    report.storage_bytes += engine.storage_bytes()
+    report.layers += 1
+    report.paths.append(path)
+    return engine
+
+
 def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_quant: bool = True,
                           lora: ExpertLoraSpec | None = None, compute_dtype: torch.dtype = torch.bfloat16,
                           device: str | torch.device | None = None, blocksize: int = 64,
@@ -118,30 +137,18 @@ def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_qu
     report = EngineReport(quantized=quantize_experts, double_quant=quantize_experts and double_quant)
     for name, block in blocks:
         old = block.experts
-        stores = []
-        for attr in ("gate_up_proj", "down_proj"):
-            w = getattr(old, attr).detach()
-            if device is not None:
-                w = w.to(device)
-            stores.append(NF4Experts.quantize(w, blocksize=blocksize, double_quant=double_quant)
-                          if quantize_experts else DenseExperts(w))
-            report.expert_weights += w.numel()
-            del w
-        engine = ExpertEngine(*stores, hidden_act=hidden_act, chunk_experts=chunk_experts)
-        engine.compute_dtype = compute_dtype
-        if lora is not None:
-            engine.add_lora(lora.r, lora.alpha, dtype=lora.dtype, seed=lora.seed + report.layers,
-                            gate_up_r=lora.gate_up_r, gate_up_alpha=lora.gate_up_alpha)
-            report.lora_params += sum(p.numel() for n, p in engine.named_parameters() if n.startswith("lora_"))
-        block.experts = engine
+        weights = [getattr(old, attr).detach() for attr in ("gate_up_proj", "down_proj")]
+        if device is not None:
+            weights = [w.to(device) for w in weights]
+        block.experts = build_engine(*weights, quantize_experts=quantize_experts, double_quant=double_quant,
+                                     lora=lora, compute_dtype=compute_dtype, hidden_act=hidden_act,
+                                     blocksize=blocksize, chunk_experts=chunk_experts, report=report,
+                                     path=f"{name}.experts")
         # Drop the 16-bit originals now so the next layer can reuse their memory.
         old.gate_up_proj = old.down_proj = None
-        del old
+        del old, weights
         if quantize_experts and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        report.layers += 1
-        report.storage_bytes += engine.storage_bytes()
-        report.paths.append(f"{name}.experts")
     log.info(report.summary())
     return report
 
