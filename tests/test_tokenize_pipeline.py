@@ -60,7 +60,7 @@ def test_all_formats_hold_the_same_samples_and_the_counts_add_up(mixed, tmp_path
     assert s["dropped"] == {"overlength": 1} and s["dropped_lengths"] == {"212": 1}
     assert s["tokens"] == sum(len(i) for i, _ in rows["jsonl"])
     assert s["supervised_tokens"] == sum(sum(x != -100 for x in lab) for _, lab in rows["jsonl"])
-    assert s["engines"] == {"encoder": "tiktoken", "renderer": "compiled"}
+    assert s["engines"] == {"encoder": "tiktoken", "renderer": "plain+compiled"}
     saved = json.loads((tmp_path / "out.jsonl.stats.json").read_text())
     assert saved["samples"] == 4 and saved["length_percentiles"]["p100"] == max(len(i) for i, _ in rows["jsonl"])
     assert (tmp_path / "out.jsonl.lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,7 +100,7 @@ def test_failure_leaves_previous_output_untouched(mixed, tmp_path, monkeypatch):
     dst = tmp_path / "keep.jsonl"
     dst.write_text("previous\n")
 
-    def boom(chunk):
+    def boom(chunk, fmt):
         raise RuntimeError("killed mid-run")
 
     monkeypatch.setattr(pipeline, "_process", boom)

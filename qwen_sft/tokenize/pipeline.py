@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 
 from qwen_sft.atomic import atomic_open
@@ -27,7 +28,7 @@ from qwen_sft.tokenize import stats as stats_mod
 from qwen_sft.tokenize.labels import IGNORE_INDEX, POLICIES, Policy
 from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
-from qwen_sft.tokenize.writers import format_of, open_writer
+from qwen_sft.tokenize.writers import format_of, jsonl_rows, open_writer
 from qwen_sft.tokenizer import DEFAULT_MODEL, load_tokenizer
 
 
@@ -78,22 +79,33 @@ def _make_sample_tokenizer(opts: TokenizeOptions) -> SampleTokenizer:
     return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength, engine=opts.engine)
 
 
-def _process(chunk: list[tuple[int, bytes]]) -> list[tuple]:
-    """Rows ("ok", line, ids, labels, full_len, cut) | ("reject", line, reason, detail) | ("drop", line, reason, len)."""
+def _process(chunk: list[tuple[int, bytes]], fmt: str) -> tuple[list, list, list, bytes, list]:
+    """One chunk → (kept [(length, supervised, cut)], ids, labels, jsonl bytes, bad [(kind, line, reason, detail)]).
+
+    For JSONL the worker serializes the rows itself, so the parent only writes bytes.
+    """
     st = _WORKER
-    out: list[tuple] = []
+    kept: list[tuple[int, int, str]] = []
+    ids: list = []
+    labels: list = []
+    bad: list[tuple[str, int, str, Any]] = []
     for line_no, raw in chunk:
         try:
             sample = st.tokenize(orjson.loads(raw))
         except orjson.JSONDecodeError as err:
-            out.append(("reject", line_no, "invalid_json", str(err)))
+            bad.append(("reject", line_no, "invalid_json", str(err)))
         except RecordError as err:
-            out.append(("reject", line_no, err.reason, err.detail))
+            bad.append(("reject", line_no, err.reason, err.detail))
         except Overlong as err:
-            out.append(("drop", line_no, err.reason, err.length))
+            bad.append(("drop", line_no, err.reason, err.length))
         else:
-            out.append(("ok", line_no, sample.input_ids, sample.label, sample.full_length, sample.cut))
-    return out
+            kept.append((len(sample.input_ids), int(np.count_nonzero(sample.label != IGNORE_INDEX)), sample.cut))
+            ids.append(sample.input_ids)
+            labels.append(sample.label)
+    blob = b""
+    if fmt == "jsonl":
+        blob, ids, labels = jsonl_rows(ids, labels), [], []
+    return kept, ids, labels, blob, bad
 
 
 def _chunks(src: Path, size: int, stats: stats_mod.RunStats) -> Iterator[list[tuple[int, bytes]]]:
@@ -112,16 +124,16 @@ def _chunks(src: Path, size: int, stats: stats_mod.RunStats) -> Iterator[list[tu
         yield chunk
 
 
-def _results(chunks: Iterator[list], opts: TokenizeOptions) -> Iterator[list[tuple]]:
+def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterator[tuple]:
     if opts.workers == 1:
-        yield from map(_process, chunks)
+        yield from (_process(chunk, fmt) for chunk in chunks)
         return
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
     with ctx.Pool(opts.workers, initializer=_init, initargs=(opts,)) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_process, (chunk,)))
+            pending.append(pool.apply_async(_process, (chunk, fmt)))
             if len(pending) >= 4 * opts.workers:
                 yield pending.popleft().get()
         while pending:
@@ -153,7 +165,7 @@ def tokenize_chatml_file(
     global _WORKER
     src, dst = Path(src), Path(dst)
     opts = TokenizeOptions(model=model, max_len=max_len, trust_remote_code=trust_remote_code, **more_options)
-    format_of(dst)  # an unknown extension fails before anything is loaded
+    fmt = format_of(dst)  # an unknown extension fails before anything is loaded
     if not src.is_file():
         raise ValueError(f"{src}: input file not found")
     if src.resolve() == dst.resolve():
@@ -162,31 +174,28 @@ def tokenize_chatml_file(
     _WORKER = _make_sample_tokenizer(opts)
     _WORKER.verify(_first_records(src, opts.verify_records))
     # Recorded so a reader of stats.json knows which path produced the ids (both are verified identical).
-    engines = {"encoder": _WORKER.encoder.name, "renderer": "compiled" if _WORKER.renderer.fast else "apply_chat_template"}
+    engines = {"encoder": _WORKER.encoder.name, "renderer": _WORKER.renderer.name}
     stats = stats_mod.RunStats()
     rejects_path = dst.with_name(dst.name + ".rejects.jsonl")
     bar = _progress_bar(src, opts.progress)
     try:
         with open_writer(dst) as writer, atomic_open(rejects_path, "wb") as rejects:
-            for rows in _results(_chunks(src, opts.chunk_size, stats), opts):
-                ids, labels = [], []
-                for row in rows:
-                    if row[0] == "ok":
-                        _, _, i, lab, _, cut = row
-                        ids.append(i)
-                        labels.append(lab)
-                        stats.add_sample(len(i), int((lab != IGNORE_INDEX).sum()), cut)
+            for kept, ids, labels, blob, bad in _results(_chunks(src, opts.chunk_size, stats), opts, fmt):
+                for length, supervised, cut in kept:
+                    stats.add_sample(length, supervised, cut)
+                for kind, line_no, reason, detail in bad:
+                    if kind == "reject":
+                        stats.rejected[reason] += 1
                     else:
-                        kind, line_no, reason, detail = row
-                        if kind == "reject":
-                            stats.rejected[reason] += 1
-                        else:
-                            stats.add_drop(reason, detail)
-                            detail = f"{detail} tokens > max_len {opts.max_len}"
-                        rejects.write(orjson.dumps({"file": str(src), "line": line_no, "reason": reason,
-                                                    "detail": detail}, option=orjson.OPT_APPEND_NEWLINE))
-                writer.write(ids, labels)
-                bar.update(len(rows))
+                        stats.add_drop(reason, detail)
+                        detail = f"{detail} tokens > max_len {opts.max_len}"
+                    rejects.write(orjson.dumps({"file": str(src), "line": line_no, "reason": reason, "detail": detail},
+                                               option=orjson.OPT_APPEND_NEWLINE))
+                if blob:
+                    writer.write_serialized(blob, len(kept))
+                else:
+                    writer.write(ids, labels)
+                bar.update(len(kept) + len(bad))
     finally:
         bar.close()
         _WORKER = None

@@ -97,10 +97,15 @@ def normalize_record(record: Any, special_tokens: tuple[str, ...]) -> tuple[list
     # A literal "<|im_end|>" in user text would become the control token: it would end the turn early
     # for the model and break the turn layout the labels rely on. Such records are rejected, not escaped,
     # so every written sample still equals the template rendered and tokenized in one pass.
-    blob = json.dumps([messages, tools], ensure_ascii=False)
-    for token in special_tokens:
-        if token in blob:
-            raise RecordError("special_token_in_content", f"the text contains the control token {token!r}")
+    texts = [m["content"] for m in messages]
+    if tools or any("tool_calls" in m for m in messages):
+        texts.append(json.dumps([[m.get("tool_calls") for m in messages], tools], ensure_ascii=False))
+    prefixes = {token[:2] for token in special_tokens}  # "<|" for Qwen: a cheap filter before the exact scan
+    for text in texts:
+        if any(p in text for p in prefixes):
+            for token in special_tokens:
+                if token in text:
+                    raise RecordError("special_token_in_content", f"the text contains the control token {token!r}")
     return messages, tools
 
 
@@ -109,8 +114,23 @@ def loss_flags(record: dict) -> list[bool | None]:
     return [m.get("loss") for m in record["messages"]]
 
 
+def _plain_probes() -> list[list[dict]]:
+    """Tool-free conversations covering what a template could treat specially (system, emptiness, spaces)."""
+    u, a, s = ({"role": r, "content": c} for r, c in (("user", "Hi"), ("assistant", "Hello."), ("system", "Be brief.")))
+    odd = [{"role": "user", "content": " \n lead and trail \n\n"}, {"role": "assistant", "content": "\n\n  x = 1  \n"}]
+    return [[u, a], [s, u, a], [{"role": "system", "content": ""}, u, a], [u, a, u, a], [u], [s, u], [u, a, s, u, a],
+            [a, u], odd, [s, *odd], [{"role": "user", "content": "안녕 你好 🤖"}, {"role": "assistant", "content": ""}]]
+
+
 class Renderer:
-    """The tokenizer's chat template, compiled once, rendering exactly like ``apply_chat_template``."""
+    """The tokenizer's chat template, rendering exactly like ``apply_chat_template``, as fast as verified.
+
+    Three ways, each used only where it was shown to give ``apply_chat_template``'s very string:
+    ``plain`` — records without tools, tool calls or tool messages as ``<|im_start|>role\ncontent<|im_end|>\n``
+    per message, allowed only when the template renders every plain probe exactly so (no default system
+    prompt, no trimming); ``compiled`` — the template compiled once (the sandboxed Jinja environment and
+    keyword arguments of transformers); ``reference`` — ``apply_chat_template`` itself.
+    """
 
     def __init__(self, tok: Any) -> None:
         from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -120,28 +140,45 @@ class Renderer:
             raise ValueError("the tokenizer has no chat template; point -m at a Qwen3-Coder tokenizer directory")
         self._template = _compile_jinja_template(tok.get_chat_template())
         self._kwargs = dict(tok.special_tokens_map)
-        self.fast = True
+        self.fast = True  # compiled template instead of apply_chat_template
+        self.plain = True  # plain concatenation for tool-free records
+        self.plain = all(self._same(m, None) for m in _plain_probes())
+
+    @property
+    def name(self) -> str:
+        return ("plain+" if self.plain else "") + ("compiled" if self.fast else "apply_chat_template")
 
     def reference(self, messages: list[dict], tools: list[dict] | None) -> str:
         return self.tok.apply_chat_template(messages, tools=tools, tokenize=False)
 
     def render(self, messages: list[dict], tools: list[dict] | None) -> str:
+        if self.plain and not tools and all(m["role"] != "tool" and "tool_calls" not in m for m in messages):
+            return "".join([f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages])
         if not self.fast:
             return self.reference(messages, tools)
         return self._template.render(
             messages=messages, tools=tools, documents=None, add_generation_prompt=False, **self._kwargs
         )
 
+    def _same(self, messages: list[dict], tools: list[dict] | None) -> bool:
+        """Same string as apply_chat_template, or both raise (a record the template itself rejects)."""
+        try:
+            expected = self.reference(messages, tools)
+        except Exception:  # noqa: BLE001 - jinja raises anything
+            expected = None
+        try:
+            return self.render(messages, tools) == expected
+        except Exception:  # noqa: BLE001
+            return expected is None
+
     def verify(self, conversations: list[tuple[list[dict], list[dict] | None]]) -> bool:
-        """Use the compiled template only if it equals ``apply_chat_template`` on every probe."""
+        """Check the fast ways against ``apply_chat_template`` on real records; drop each that differs."""
         for messages, tools in conversations:
-            try:
-                same = self.render(messages, tools) == self.reference(messages, tools)
-            except Exception:  # noqa: BLE001 - a probe the template rejects says nothing about identity
-                continue
-            if not same:
-                self.fast = False
-                break
+            if not self._same(messages, tools):
+                self.plain = False
+                if not self._same(messages, tools):
+                    self.fast = False
+                    break
         return self.fast
 
 

@@ -44,6 +44,12 @@ def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
 
+def jsonl_rows(ids: list[np.ndarray], labels: list[np.ndarray]) -> bytes:
+    """``{"input_ids": [...], "label": [...]}`` lines, the seed's training format."""
+    opt = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+    return b"".join([orjson.dumps({"input_ids": i, "label": lab}, option=opt) for i, lab in zip(ids, labels)])
+
+
 class SampleWriter:
     """Buffered, atomic writer of (input_ids, label) rows in one of the three formats."""
 
@@ -59,12 +65,18 @@ class SampleWriter:
         elif fmt == "arrow":
             self._writer = pa.ipc.new_file(fh, SCHEMA)
 
+    def write_serialized(self, blob: bytes, rows: int) -> None:
+        """JSONL rows already serialized by ``jsonl_rows`` (in a worker process)."""
+        if self.fmt != "jsonl":
+            raise ValueError(f"serialized rows are JSONL; this writer writes {self.fmt}")
+        self.rows += rows
+        self.fh.write(blob)
+
     def write(self, ids: list[np.ndarray], labels: list[np.ndarray]) -> None:
-        self.rows += len(ids)
         if self.fmt == "jsonl":
-            opt = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-            self.fh.write(b"".join(orjson.dumps({"input_ids": i, "label": lab}, option=opt) for i, lab in zip(ids, labels)))
+            self.write_serialized(jsonl_rows(ids, labels), len(ids))
             return
+        self.rows += len(ids)
         self._ids += ids
         self._labels += labels
         if len(self._ids) >= ROWS_PER_GROUP:
