@@ -124,6 +124,19 @@ class Config:
     origins: dict[str, str]
 
 
+def _init_deepspeed_cpu(deepspeed: object) -> None:
+    """DeepSpeed without CUDA (CPU tests, gloo): its communication layer must join the torchrun group before
+    transformers sets devices up, or every rank's engine believes it is alone (world_size 1)."""
+    import os
+
+    import torch
+
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend="gloo")
+
+
 def _parser():
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -136,6 +149,7 @@ def _finish(values: dict[str, object], origins: dict[str, str]) -> Config:
             values[key] = value
             origins.setdefault(key, "recipe default")
     values.setdefault("output_dir", "output")
+    _init_deepspeed_cpu(values.get("deepspeed"))
     model, data, run, training = _parser().parse_dict(values, allow_extra_keys=False)
     return Config(model, data, run, training, origins)
 
@@ -153,6 +167,8 @@ def parse_flags(argv: list[str]) -> Config:
         if key not in explicit:
             argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
             origins[key] = "recipe default"
+    if "deepspeed" in explicit:
+        _init_deepspeed_cpu(True)
     model, data, run, training = _parser().parse_args_into_dataclasses(args=argv)
     return Config(model, data, run, training, origins)
 
@@ -202,6 +218,7 @@ def describe(config: Config) -> list[str]:
     for key, origin in sorted(config.origins.items()):
         for obj in (config.model, config.data, config.run, config.training):
             if hasattr(obj, key):
-                lines.append(f"  {key} = {getattr(obj, key)!r}  ({origin})")
+                value = getattr(obj, key)
+                lines.append(f"  {key} = {getattr(value, 'value', value)!r}  ({origin})")  # enums by value
                 break
     return lines

@@ -91,11 +91,12 @@ def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     if deepspeed_zero3:
-        mark_moe_leaf_modules(model)
+        names = mark_moe_leaf_modules(model)
+        log(f"ZeRO-3: MoE blocks {names} are leaf modules (all their experts are gathered together)")
     return model
 
 
-def mark_moe_leaf_modules(model) -> int:
+def mark_moe_leaf_modules(model) -> list[str]:
     """ZeRO-3: gather a whole MoE block at once. Ranks route tokens to different experts, so per-expert
     parameter fetches would differ between ranks and the all-gathers would hang."""
     from deepspeed.utils import set_z3_leaf_modules
@@ -103,7 +104,7 @@ def mark_moe_leaf_modules(model) -> int:
     classes = {type(m) for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")}
     if classes:
         set_z3_leaf_modules(model, list(classes))
-    return len(classes)
+    return sorted(c.__name__ for c in classes)
 
 
 def read_lora_config(path: str) -> dict:
@@ -193,7 +194,9 @@ def parameter_groups(model) -> dict[str, dict[str, int]]:
     groups = {g: {"trainable": 0, "total": 0} for g in ("attention", "experts", "router", "other")}
     for name, p in model.named_parameters():
         # 4-bit weights are packed two per byte into whatever storage dtype was chosen.
-        n = p.numel() * p.element_size() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+        # ZeRO-3 partitions leave numel() == 0 on each rank; ds_numel is the full size.
+        numel = getattr(p, "ds_numel", p.numel())
+        n = numel * p.element_size() * 2 if type(p).__name__ == "Params4bit" else numel
         g = groups[parameter_group(name)]
         g["total"] += n
         if p.requires_grad:

@@ -39,6 +39,8 @@ def _wandb_logged_in() -> bool:
 
 def setup_reporting(training) -> None:
     """Never block on an interactive wandb login: without a key or login, log offline and say so."""
+    # `--report_to wandb,tensorboard`: argparse takes one value per flag, transformers wants a list.
+    training.report_to = [x.strip() for item in training.report_to for x in item.split(",") if x.strip()]
     if "wandb" not in training.report_to:
         return
     try:
@@ -74,9 +76,13 @@ def resolve_resume(training) -> str | None:
 
 
 def effective_config(config: Config) -> dict:
+    import dataclasses
+
     from transformers import TrainingArguments
 
-    defaults = TrainingArguments(output_dir=config.training.output_dir).to_dict()
+    # Field defaults, not a second TrainingArguments instance: constructing one re-initialises the
+    # process's accelerator state and silently takes a torchrun rank out of the process group.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     training = {k: v for k, v in config.training.to_dict().items() if defaults.get(k) != v and not k.startswith("_")}
     return {**asdict(config.model), **asdict(config.data), **asdict(config.run), **training}
 
