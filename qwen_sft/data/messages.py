@@ -48,7 +48,29 @@ def maybe_json(value: Any, what: str) -> Any:
 
 
 def normalize_tools(value: Any, notes: Counter) -> list[dict]:
-    """A tool list (or its JSON string) → function tools. Non-function tools (``code_interpreter``) are dropped."""
+    """A tool list (or its JSON string) → function tools. Non-function tools (``code_interpreter``) are dropped.
+
+    Datasets repeat one tool list on every record, so results are memoized by the list's JSON text; the
+    returned list is shared between records and must not be mutated.
+    """
+    if not value:
+        return []
+    text = value if isinstance(value, str) else orjson.dumps(value)
+    hit = _TOOLS_CACHE.get(text)
+    if hit is None:
+        if len(_TOOLS_CACHE) >= 4096:
+            _TOOLS_CACHE.clear()
+        drops: Counter = Counter()
+        hit = _TOOLS_CACHE[text] = (_normalize_tools(value, drops), drops["non_function_tool_dropped"])
+    if hit[1]:
+        notes["non_function_tool_dropped"] += hit[1]
+    return hit[0]
+
+
+_TOOLS_CACHE: dict[str | bytes, tuple[list[dict], int]] = {}
+
+
+def _normalize_tools(value: Any, notes: Counter) -> list[dict]:
     value = None if isinstance(value, str) and not value.strip() else maybe_json(value, "tools")
     if value is None or value == []:
         return []

@@ -33,6 +33,7 @@ from qwen_sft.data.options import ConvertOptions, FieldMap
 Converted = tuple[list[dict], list[dict]]  # (messages, tools)
 PAIRS = (("input", "output"), ("question", "answer"), ("prompt", "completion"), ("prompt", "response"),
          ("query", "response"))
+PLAIN_ROLES = frozenset(("system", "user", "assistant"))  # a {role, content} message of these needs no more work
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "observation": "tool", "tool": "tool", "function_call": "function_call"}
 
@@ -53,41 +54,48 @@ def from_messages(rec: dict, key: str, notes: Counter, opts: ConvertOptions) -> 
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise BadRecord("wrong_type", f"message {i} is {type_name(m)}, expected an object")
-        role = m.get("role")
-        if role not in ROLES:
-            raise BadRecord("unknown_role", f"message {i} has role {preview(role)}; known roles: {', '.join(ROLES)}")
-        content, calls = m.get("content"), []
-        try:
-            if isinstance(content, list):
-                content, calls = content_from_parts(content, role, notes, opts.reasoning, opts.wrap_raw_arguments)
-            elif content is None:
-                content = ""  # content: null is how OpenAI writes a pure tool call; validation rejects it elsewhere
-            elif not isinstance(content, str):
-                raise BadRecord("wrong_type", f"content is {type_name(content)}")
-            raw_calls = maybe_json(m.get("tool_calls"), "tool_calls")
-            if raw_calls:
-                if not isinstance(raw_calls, list):
-                    raise BadRecord("wrong_type", f"tool_calls is {type_name(raw_calls)}, expected a list")
-                calls += calls_from_value(raw_calls, notes, opts.wrap_raw_arguments)
-            if m.get("function_call"):  # the pre-tools OpenAI field
-                calls += calls_from_value(m["function_call"], notes, opts.wrap_raw_arguments)
-        except BadRecord as err:
-            raise BadRecord(err.reason, f"message {i} ({role}): {err.detail}") from None
-        msg: dict[str, Any] = {"role": role, "content": content}
-        if calls:
-            msg["tool_calls"] = calls
-        if role == "tool":
-            call_id, ids = m.get("tool_call_id"), m.get("tool_call_ids")
-            if not isinstance(call_id, str) and isinstance(ids, list) and len(ids) == 1:
-                call_id = ids[0]  # SWE-agent writes a one-element list
-            if isinstance(call_id, str) and call_id:
-                msg["tool_call_id"] = call_id
-        if "loss" in m and m["loss"] is not None:
-            if not isinstance(m["loss"], bool):
-                raise BadRecord("wrong_type", f"message {i}: loss is {type_name(m['loss'])}, expected true/false")
-            msg["loss"] = m["loss"]
-        messages.append(msg)
+        role, content = m.get("role"), m.get("content")
+        if len(m) == 2 and isinstance(content, str) and role in PLAIN_ROLES:
+            messages.append({"role": role, "content": content})  # the common case, nothing else to read
+        else:
+            messages.append(_message(i, m, role, content, notes, opts))
     return messages, normalize_tools(rec.get("tools"), notes)
+
+
+def _message(i: int, m: dict, role: Any, content: Any, notes: Counter, opts: ConvertOptions) -> dict:
+    if role not in ROLES:
+        raise BadRecord("unknown_role", f"message {i} has role {preview(role)}; known roles: {', '.join(ROLES)}")
+    calls: list[dict] = []
+    try:
+        if isinstance(content, list):
+            content, calls = content_from_parts(content, role, notes, opts.reasoning, opts.wrap_raw_arguments)
+        elif content is None:
+            content = ""  # content: null is how OpenAI writes a pure tool call; validation rejects it elsewhere
+        elif not isinstance(content, str):
+            raise BadRecord("wrong_type", f"content is {type_name(content)}")
+        raw_calls = maybe_json(m.get("tool_calls"), "tool_calls")
+        if raw_calls:
+            if not isinstance(raw_calls, list):
+                raise BadRecord("wrong_type", f"tool_calls is {type_name(raw_calls)}, expected a list")
+            calls += calls_from_value(raw_calls, notes, opts.wrap_raw_arguments)
+        if m.get("function_call"):  # the pre-tools OpenAI field
+            calls += calls_from_value(m["function_call"], notes, opts.wrap_raw_arguments)
+    except BadRecord as err:
+        raise BadRecord(err.reason, f"message {i} ({role}): {err.detail}") from None
+    msg: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        msg["tool_calls"] = calls
+    if role == "tool":
+        call_id, ids = m.get("tool_call_id"), m.get("tool_call_ids")
+        if not isinstance(call_id, str) and isinstance(ids, list) and len(ids) == 1:
+            call_id = ids[0]  # SWE-agent writes a one-element list
+        if isinstance(call_id, str) and call_id:
+            msg["tool_call_id"] = call_id
+    if m.get("loss") is not None:
+        if not isinstance(m["loss"], bool):
+            raise BadRecord("wrong_type", f"message {i}: loss is {type_name(m['loss'])}, expected true/false")
+        msg["loss"] = m["loss"]
+    return msg
 
 
 def from_sharegpt(rec: dict, key: str, notes: Counter, opts: ConvertOptions) -> Converted:

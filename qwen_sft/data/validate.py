@@ -24,27 +24,30 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
     if not messages:
         raise BadRecord("no_messages", "the conversation is empty")
     last_assistant = -1
+    after_call = False  # the previous message was an assistant tool call or a tool result
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRecord("unknown_role", f"message {i} has role {role!r}")
+        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
         if not isinstance(content, str):
             raise BadRecord("wrong_type", f"message {i} ({role}): content is {type_name(content)}")
-        if role == "system" and i != 0:
-            raise BadRecord("system_not_first", f"message {i} is a system message; only the first may be")
-        calls = m.get("tool_calls")
-        if calls and role != "assistant":
+        if role == "assistant":
+            if not calls and (not content or content.isspace()):
+                raise BadRecord("empty_assistant", f"message {i} (assistant) has empty content")
+            last_assistant, after_call = i, bool(calls)
+            continue
+        if role not in ROLES:
+            raise BadRecord("unknown_role", f"message {i} has role {role!r}")
+        if calls:
             raise BadRecord("tool_calls_on_non_assistant", f"message {i} ({role}) has tool_calls")
         if role == "tool":
-            prev = messages[i - 1] if i else None
-            if prev is None or not (prev["role"] == "tool" or prev.get("tool_calls")):
-                raise BadRecord("tool_without_call", f"message {i} is a tool result with no tool call before it")
-        elif (not content or content.isspace()) and not calls:
             # Tool output may be legitimately empty (a command that printed nothing); nothing else may.
-            reason = "empty_assistant" if role == "assistant" else "empty_content"
-            raise BadRecord(reason, f"message {i} ({role}) has empty content")
-        if role == "assistant":
-            last_assistant = i
+            if not after_call:
+                raise BadRecord("tool_without_call", f"message {i} is a tool result with no tool call before it")
+            continue
+        if role == "system" and i != 0:
+            raise BadRecord("system_not_first", f"message {i} is a system message; only the first may be")
+        if not content or content.isspace():
+            raise BadRecord("empty_content", f"message {i} ({role}) has empty content")
+        after_call = False
     if last_assistant < 0:
         raise BadRecord("no_assistant_turn", "no assistant message with text or tool calls")
     if last_assistant < len(messages) - 1:
