@@ -156,6 +156,10 @@ def test_legacy_flags_and_conflicts(tmp_path, capsys):
     assert main(args) == 0
     assert lines(conv / "a.jsonl") == lines(conv / "deep" / "b.jsonl") == [PAIR_OUT]
     assert lines(merged) == [PAIR_OUT, PAIR_OUT]
+    inside = tmp_path / "raw" / "converted"  # a second run must not read the first run's outputs
+    for _ in range(2):
+        assert main(["-input_dir", str(tmp_path / "raw"), "-output_dir", str(inside)]) == 0
+    assert sorted(p.relative_to(inside).as_posix() for p in inside.rglob("*.jsonl")) == ["a.jsonl", "deep/b.jsonl"]
     assert main([str(src), "-input_path", str(out)]) == 2
     assert main(["-input_dir", str(tmp_path), "-output_dir", str(conv), "--split"]) == 2
     err = capsys.readouterr().err

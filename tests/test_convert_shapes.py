@@ -149,6 +149,8 @@ def test_non_function_tools_dropped_with_a_note():
     notes: Counter = Counter()
     out = convert({"messages": [U, A], "tools": [{"type": "code_interpreter"}]}, notes)
     assert "tools" not in out and notes["non_function_tool_dropped"] == 1
+    convert({"messages": [U, A], "tools": [{"type": "code_interpreter"}]}, notes)  # memoized list, still counted
+    assert notes["non_function_tool_dropped"] == 2
 
 
 @pytest.mark.parametrize("rec,expected", [
