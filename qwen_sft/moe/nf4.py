@@ -69,7 +69,8 @@ class NF4Experts(nn.Module):
         if not double_quant:
             return cls(e, out_f, in_f, blocksize, False, packed, absmax.float())
         return cls(e, out_f, in_f, blocksize, True, packed, absmax, state.state2.absmax.float(),
-                   state.offset.float().reshape(()), state.state2.code.float(), state.state2.blocksize)
+                   # shape [1], not a 0-dim scalar: DeepSpeed broadcasts params as p.view(uint8), which 0-dim refuses
+                   state.offset.float().reshape(1), state.state2.code.float(), state.state2.blocksize)
 
     def scales(self) -> torch.Tensor:
         """fp32 blockwise scales ``[E, blocks_per_expert]`` (undoing the double quantization when on)."""
