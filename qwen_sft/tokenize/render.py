@@ -13,8 +13,7 @@ tool messages into one user turn).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 ROLES = ("system", "user", "assistant", "tool")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -182,8 +181,7 @@ class Renderer:
         return self.fast
 
 
-@dataclass(frozen=True)
-class Turn:
+class Turn(NamedTuple):
     """One ``<|im_start|>role\\n…<|im_end|>\\n`` block as byte offsets into the rendered UTF-8 text."""
 
     role: str
