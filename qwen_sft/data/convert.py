@@ -15,6 +15,7 @@ import contextlib
 import os
 import random
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,12 +107,36 @@ def _bar(opts: ConvertOptions) -> tqdm:
     return tqdm(unit=" rows", unit_scale=True, disable=disable, desc="convert", dynamic_ncols=True, mininterval=0.5)
 
 
+@contextlib.contextmanager
+def background_flush(fh: IO[bytes], every_s: float = 1.0) -> Iterator[None]:
+    """fdatasync ``fh`` every second from a thread while records are converted.
+
+    atomic_open fsyncs before its rename; done only there, a large output waits seconds for the disk after the
+    last record. Syncing as we go overlaps that wait with conversion (the GIL is released during the call).
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(OSError):
+                os.fdatasync(fh.fileno())
+
+    thread = threading.Thread(target=loop, name="convert-flush", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def convert_inputs(
     inputs: list[Path], output: Path, opts: ConvertOptions, rejects: Path | None = None
 ) -> list[FileStats]:
     """All inputs merged into one ChatML file (and one rejects file), both written atomically."""
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(atomic_open(output, "wb"))
+        stack.enter_context(background_flush(out))  # exits first: stopped before atomic_open closes the file
         rej = None if opts.strict or rejects is None else stack.enter_context(atomic_open(rejects, "wb"))
         bar = stack.enter_context(_bar(opts))
         return [convert_file(path, opts, [out], rej, bar) for path in inputs]
