@@ -17,18 +17,23 @@ Prints a table with engine/stock ratios and writes the figures as JSON (``--out`
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
+# Run as a script, bench/ is sys.path[0], and bench/tokenize.py (the tokenizer benchmark) would shadow the
+# stdlib module that torch imports. Import from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from qwen_sft.atomic import atomic_open  # noqa: E402
 
