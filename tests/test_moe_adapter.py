@@ -139,7 +139,7 @@ def test_qlora_storage_trainable_groups_and_one_step(base_dir):
     per_param = [(SPEC.experts * 2 * 32 * 64), (SPEC.experts * 64 * 32)]
     expected = SPEC.layers * sum(w // 2 + w // 64 + -(-(w // 64) // 256) * 4 + 4 + 256 * 4 for w in per_param)
     assert report.storage_bytes == expected
-    assert 0.5 < report.bytes_per_weight < 0.6 or SPEC.hidden < 256  # constants dominate only at toy sizes
+    assert 0.5 < report.bytes_per_weight < 0.56  # 0.5577 here: 4 bits + scales + 1028 bytes of constants per tensor
     packed_bytes = sum(p.numel() for n_, p in model.named_parameters() if n_.endswith(".packed"))
     assert packed_bytes * 2 == n  # exactly 4 bits per expert weight
     assert not any("gate_up_proj" in n_ or "down_proj" in n_ for n_, _ in model.named_parameters())
