@@ -144,7 +144,6 @@ def test_attention_only_adapter(base_dir, tmp_path, capsys):
     assert info(out)["adapted_tensors"] == {"lora": 4, "expert": 0, "replace": 0}
     assert info(out)["verification"]["passed"] is True
     assert "verify: max |Δlogit|" in capsys.readouterr().out
-    assert_reloads_strictly(out)
 
 
 def test_expert_and_attention_adapter_gives_per_expert_keys(base_dir, tmp_path, capsys):
@@ -221,7 +220,6 @@ def test_qlora_adapter_with_training_tokenizer(base_dir, tmp_path, capsys):
     assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
     assert "lm_head.weight" in changed_keys(base_dir, out)
     assert info(out)["adapted_tensors"] == {"lora": 4, "expert": 48, "replace": 1}
-    assert_reloads_strictly(out)
 
 
 def test_expert_engine_adapter(base_dir, tmp_path):
@@ -248,11 +246,11 @@ def _sha(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_multi_shard_all_checkpoints_deterministic(tmp_path, capsys):
+def test_multi_shard_all_checkpoints_deterministic(base_dir, tmp_path, capsys):
     """Sharded base → same shard files + index; --all_checkpoints; a second run writes identical bytes."""
     from transformers import AutoModelForCausalLM
 
-    base = make_tiny_model(tmp_path / "single", SPEC)
+    base = base_dir
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(sharded, max_shard_size="2MB")
     for name in ("generation_config.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
@@ -262,23 +260,20 @@ def test_multi_shard_all_checkpoints_deterministic(tmp_path, capsys):
     run = tmp_path / "run"
     make_adapter(sharded, run, target_parameters=EXPERTS, seed=1)
     make_adapter(sharded, run / "checkpoint-10", target_parameters=EXPERTS, seed=2)
-    make_adapter(sharded, run / "checkpoint-5", target_parameters=EXPERTS, seed=3)
     out = tmp_path / "merged"
     assert merge(sharded, run, out, "--all_checkpoints") == 0
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
-    assert sorted(p.name for p in (out / "checkpoint-5").glob("*.safetensors")) == shards
+    assert sorted(p.name for p in (out / "checkpoint-10").glob("*.safetensors")) == shards
     index = json.loads((out / "checkpoint-10" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
-    printed = capsys.readouterr().out
-    assert printed.count("verify: max |Δlogit|") == 3
-    merged = {d: tensors(out / d) for d in (".", "checkpoint-5", "checkpoint-10")}
+    assert capsys.readouterr().out.count("verify: max |Δlogit|") == 2
     key = "model.layers.1.mlp.experts.7.up_proj.weight"
-    assert len({merged[d][key].sum().item() for d in merged}) == 3  # three different adapters, three results
+    assert not torch.equal(tensors(out)[key], tensors(out / "checkpoint-10")[key])  # two adapters, two results
     first, first_info = _sha(out), info(out)
     # Same command again (without the logits check, which is not what this test is about): identical bytes.
     assert merge(sharded, run, out, "--all_checkpoints", "--no_verify") == 0
     second = _sha(out)
-    assert len(second) == len(first) == 3 * (len(shards) + 7)  # shards, index, 2 configs, 3 tokenizer, info
+    assert len(second) == len(first) == 2 * (len(shards) + 7)  # shards, index, 2 configs, 3 tokenizer, info
     assert {k: v for k, v in second.items() if not k.endswith("qwen_sft_merge.json")} == {
         k: v for k, v in first.items() if not k.endswith("qwen_sft_merge.json")}
     assert {**info(out), "verification": None} == {**first_info, "verification": None}
