@@ -114,6 +114,7 @@ def rss_run(src: Path, workers: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20_000, help="conversations (default 20,000)")
+    p.add_argument("--repeat", type=int, default=3, help="interleaved runs per path; the best counts (default 3)")
     p.add_argument("--no-rss", action="store_true", help="skip the 1x / 10x peak-RSS runs")
     args = p.parse_args(argv)
     from qwen_sft.tokenize.pipeline import tokenize_chatml_file
@@ -124,23 +125,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "chatml.jsonl"
         generate(src, args.n)
+        # Start-up (encoder layout from the vocabulary, probes) is paid once per process: timed apart.
+        generate(Path(tmp) / "tiny.jsonl", 10)
+        t = time.perf_counter()
+        tokenize_chatml_file(Path(tmp) / "tiny.jsonl", Path(tmp) / "tiny.out.jsonl", model="offline", progress=False)
+        startup = time.perf_counter() - t
+        # The machine is shared: each path runs --repeat times, interleaved, and the best time counts.
         results: dict[str, float] = {}
         stats = {}
-        for workers in (1, 2):
+        for _ in range(args.repeat):
+            for workers in (1, 2):
+                t = time.perf_counter()
+                stats[workers] = tokenize_chatml_file(src, Path(tmp) / f"a{workers}.jsonl", model="offline",
+                                                      max_len=1 << 20, workers=workers, progress=False)
+                key = f"a_workers{workers}"
+                results[key] = min(results.get(key, float("inf")), time.perf_counter() - t)
             t = time.perf_counter()
-            stats[workers] = tokenize_chatml_file(src, Path(tmp) / f"a{workers}.jsonl", model="offline",
-                                                  max_len=1 << 20, workers=workers, progress=False)
-            results[f"a_workers{workers}"] = time.perf_counter() - t
+            b_tokens, b_first = seed_style(src, Path(tmp) / "b.jsonl", tok)
+            results["b"] = min(results.get("b", float("inf")), time.perf_counter() - t)
         tokens = stats[1]["tokens"]
         same = (Path(tmp) / "a1.jsonl").read_bytes() == (Path(tmp) / "a2.jsonl").read_bytes()
-        t = time.perf_counter()
-        b_tokens, b_first = seed_style(src, Path(tmp) / "b.jsonl", tok)
-        results["b_seed_turn_by_turn"] = time.perf_counter() - t
         records = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()]
         texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
         t = time.perf_counter()
         c_tokens = sum(len(x) for x in tok(texts, add_special_tokens=False).input_ids)
-        results["c_hf_batch_encode"] = time.perf_counter() - t
+        results["c"] = time.perf_counter() - t
         ours = [ids for ids, _ in iter_samples(Path(tmp) / "a1.jsonl")]
         sys_ids = tok("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n").input_ids
         # beyond the injected system prompt, the seed's ids differ wherever a content starts with a newline
@@ -154,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(src.read_bytes())
             rss = {"1x_workers1": rss_run(src, 1), "10x_workers1": rss_run(big, 1), "10x_workers2": rss_run(big, 2)}
     a1, a2 = results["a_workers1"], results["a_workers2"]
-    b, c = results["b_seed_turn_by_turn"], results["c_hf_batch_encode"]
-    print(f"machine: {os.cpu_count()} CPUs; {args.n:,} conversations, {tokens:,} tokens (template), "
-          f"seed-style {b_tokens:,} tokens; encoder {stats[1]['engines']}")
+    b, c = results["b"], results["c"]
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.n:,} conversations, "
+          f"{tokens:,} tokens (template), seed-style {b_tokens:,} tokens; best of {args.repeat}; {stats[1]['engines']}")
+    print(f"start-up once per process (encoder layout, probes, a 10-record run): {startup:5.2f} s")
     print(f"(a) qwen-sft pipeline, 1 worker : {a1:7.2f} s  {tokens / a1:10,.0f} tok/s  {b / a1:5.1f}x vs (b)")
     print(f"(a) qwen-sft pipeline, 2 workers: {a2:7.2f} s  {tokens / a2:10,.0f} tok/s  {b / a2:5.1f}x vs (b)  "
           f"{a1 / a2:4.2f}x vs 1 worker; output identical: {same}")

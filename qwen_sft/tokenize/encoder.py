@@ -51,14 +51,18 @@ def _layout(tok: Any) -> tuple[Any, np.ndarray, bool]:
     hit = _LAYOUTS.get(id(tok))
     if hit is not None and hit[0] is tok:
         return hit[1:]
-    spec = orjson.loads(tok.backend_tokenizer.to_str())
-    norm, pre, model = spec.get("normalizer"), spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    backend = tok.backend_tokenizer
+    # Each component's own JSON state: serializing the whole tokenizer (merges included) costs seconds.
+    norm = orjson.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
+    pre = orjson.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+    vocab = backend.get_vocab(with_added_tokens=False)
     u2b = _unicode_to_bytes()
     added = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
-    byte_level = model.get("type") == "BPE" and all(ch in u2b for piece in model.get("vocab", {}) for ch in piece)
+    byte_level = type(backend.model).__name__ == "BPE" and set("".join(vocab)) <= u2b.keys()
     if not byte_level:
         raise ValueError("the tokenizer is not a byte-level BPE like Qwen3-Coder's; its labels cannot be placed")
-    ranks = {bytes(u2b[ch] for ch in piece): idx for piece, idx in model["vocab"].items()}
+    table = str.maketrans({u: chr(b) for u, b in u2b.items()})  # printable stand-in → the byte it stands for
+    ranks = {piece.translate(table).encode("latin-1"): idx for piece, idx in vocab.items()}
     lens = np.zeros(max([*ranks.values(), *added.values()]) + 1, dtype=np.int64)
     for piece, idx in ranks.items():
         lens[idx] = len(piece)
