@@ -255,3 +255,21 @@ def test_tokenize_with_split_writes_chatml_and_tokenized_files(tmp_path, capsys)
     assert len(lines(p / "sft_train_train.jsonl")) == 9
     assert main([str(src), "-t", "-m", str(tmp_path / "no-such-tokenizer"), "-o", str(out)]) == 1
     assert "could not load the tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux /proc")
+def test_memory_stays_bounded_on_a_large_input(tmp_path):
+    src = tmp_path / "big.jsonl"
+    answer = "답변 " * 300
+    with open(src, "w", encoding="utf-8") as fh:
+        for i in range(40_000):
+            fh.write(json.dumps({"input": f"question {i}", "output": answer}, ensure_ascii=False) + "\n")
+    size = src.stat().st_size
+    # VmHWM, not getrusage: ru_maxrss survives exec, so it would report the forked pytest process's size.
+    code = ("import sys; from qwen_sft.data.cli import main; rc = main(sys.argv[1:]); "
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(src), "-o", str(tmp_path / "o.jsonl"), "--split"],
+                          capture_output=True, text=True, check=True)
+    max_rss = int(proc.stdout.split()[-1]) * 1024  # kilobytes
+    assert size > 60e6 and max_rss < size / 2, (size, max_rss)
+    assert (tmp_path / "o_train.jsonl").stat().st_size + (tmp_path / "o_eval.jsonl").stat().st_size > size
