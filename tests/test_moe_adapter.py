@@ -174,7 +174,8 @@ def test_packed_rows_match_separate_samples(base_dir):
     torch.testing.assert_close(got[6:], _logits(model, b[None])[0], rtol=1e-4, atol=1e-4)
 
 
-def test_gradient_checkpointing_same_grads(base_dir):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_same_grads(base_dir, reentrant):
     grads = []
     for gc in (False, True):
         model = _load_stock(base_dir)
@@ -183,7 +184,7 @@ def test_gradient_checkpointing_same_grads(base_dir):
         _randomize_lora_B(model)
         model.train()
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         model(input_ids=IDS, labels=IDS, use_cache=False).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if ".experts.lora_" in n})

@@ -75,9 +75,18 @@ class _GroupOps:
     def tn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a_g^T @ b_g -> [k, a_cols, b_cols] (weight gradients, summed over each expert's rows)."""
         if self.grouped:
-            pad = (-a.shape[0]) % 16  # the transposed operand's row stride must be a multiple of 16 bytes
-            a_t = F.pad(a, (0, 0, 0, pad)).T.contiguous()
-            return self._gmm(a_t, F.pad(b, (0, 0, 0, pad)), offs=self.offs)
+            # Grouping along the reduction dim needs every group to start on a 16-byte boundary (the reason
+            # MoE trainers pad expert groups): copy each expert's rows to a 16-row-aligned slot, zeros between.
+            counts = torch.tensor(self.counts, device=a.device)
+            padded = (counts + 15) // 16 * 16
+            starts = torch.cumsum(counts, 0) - counts
+            slots = torch.cumsum(padded, 0) - padded
+            dest = torch.arange(a.shape[0], device=a.device) + torch.repeat_interleave(slots - starts, counts)
+            total = int(padded.sum())
+            a_p = a.new_zeros(total, a.shape[1]).index_copy_(0, dest, a)
+            b_p = b.new_zeros(total, b.shape[1]).index_copy_(0, dest, b)
+            offs = torch.cumsum(padded, 0).to(torch.int32)
+            return self._gmm(a_p.T.contiguous(), b_p, offs=offs)
         return torch.stack(self._loop(lambda g, r, a, b: a[r].T @ b[r], a, b))
 
 
