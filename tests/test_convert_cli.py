@@ -108,6 +108,8 @@ def test_reading_problems_in_every_format_are_rejects_with_positions(tmp_path):
     body = gzip.compress(b"".join(b'{"input": "q", "output": "a"}\n' for _ in range(20000)))
     (raw / "t.jsonl.gz").write_bytes(body[: len(body) // 2])
     (raw / "nan.jsonl").write_text('{"input": "q", "output": "a", "score": NaN}\n')
+    (raw / "not.parquet").write_text("not parquet at all")
+    (raw / "trunc.json.gz").write_bytes(gzip.compress(b'[{"input": "q", "output": "a"}]')[:20])
     out = tmp_path / "out.jsonl"
     assert main([str(raw), "-o", str(out)]) == 0
     rejects = lines(Path(f"{out}.rejects.jsonl"))
@@ -115,7 +117,8 @@ def test_reading_problems_in_every_format_are_rejects_with_positions(tmp_path):
     n_gz = len(lines(out)) - 3  # arr: 1, csv: 2
     assert got == [("arr.json", 1, "not_an_object"), ("arr.json", 2, "unknown_shape"),
                    ("broken.json", 0, "invalid_utf8"), ("c.csv", 3, "invalid_utf8"), ("c.csv", 4, "csv_extra_fields"),
-                   ("nan.jsonl", 1, "invalid_json"), ("t.jsonl.gz", n_gz + 1, "unreadable_file")]
+                   ("nan.jsonl", 1, "invalid_json"), ("not.parquet", 0, "unreadable_file"),
+                   ("t.jsonl.gz", n_gz + 1, "unreadable_file"), ("trunc.json.gz", 0, "unreadable_file")]
     assert lines(out)[2]["messages"][0]["content"] == "multi\nline" and n_gz > 1000
 
 

@@ -165,19 +165,19 @@ def read_records(path: Path, counts: dict[str, int]) -> tuple[str, Iterator[Item
     """(position kind, items) for one file. ``counts`` collects blank lines, which are not records."""
     fmt = file_format(path)
     if fmt == "parquet":
-        return "index", _guard(read_parquet(path))
+        return "index", _guard(read_parquet(path), 0)
     if fmt in ("csv", "tsv"):
         csv.field_size_limit(2**31 - 1)  # a 100 MB cell is data, not an attack on us
-        return "line", _guard(read_csv(path, "," if fmt == "csv" else "\t"))
+        return "line", _guard(read_csv(path, "," if fmt == "csv" else "\t"), 2)
     if fmt == "json":
-        with _open(path) as fh:
-            try:
+        try:
+            with _open(path) as fh:
                 data = fh.read()
-            except (OSError, EOFError, zlib.error) as err:
-                return "index", iter([(0, None, BadRecord("unreadable_file", str(err)), None)])
+        except (OSError, EOFError, zlib.error) as err:
+            return "index", iter([(0, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None)])
         kind, items = read_json(data, counts)
         return kind, items
-    return "line", _guard(_read_jsonl_file(path, counts))
+    return "line", _guard(_read_jsonl_file(path, counts), 1)
 
 
 def _read_jsonl_file(path: Path, counts: dict[str, int]) -> Iterator[Item]:
@@ -185,12 +185,12 @@ def _read_jsonl_file(path: Path, counts: dict[str, int]) -> Iterator[Item]:
         yield from read_jsonl(fh, counts)
 
 
-def _guard(items: Iterator[Item]) -> Iterator[Item]:
+def _guard(items: Iterator[Item], first: int) -> Iterator[Item]:
     """Turn a file that breaks mid-way (truncated gzip, corrupt parquet) into one reject at the break."""
-    pos = 0
+    nxt = first  # the position the next item would have had
     try:
         for item in items:
-            pos = item[0]
+            nxt = item[0] + 1
             yield item
     except (OSError, EOFError, zlib.error, csv.Error, ValueError) as err:
-        yield pos + 1, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None
+        yield nxt, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None
