@@ -161,3 +161,14 @@ def test_nf4_storage_bytes_and_error():
 def test_quantize_rejects_partial_blocks():
     with pytest.raises(ValueError, match="whole number of"):
         NF4Experts.quantize(torch.randn(2, 3, 10), blocksize=64)
+
+
+def test_dtype_cast_of_the_model_keeps_nf4_scales_exact():
+    """model.to(bfloat16) / DeepSpeed's bf16 cast must not round the fp32 quantization scales."""
+    for double_quant in (False, True):
+        store = NF4Experts.quantize(torch.randn(E, H, INTER, generator=torch.Generator().manual_seed(8)),
+                                    double_quant=double_quant)
+        before = store.dequantize(None, torch.float32)
+        store.to(torch.bfloat16).half()
+        assert all(not p.is_floating_point() for p in store.parameters())
+        assert torch.equal(store.dequantize(None, torch.float32), before)

@@ -22,12 +22,23 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def _fp32_bits(t: torch.Tensor) -> nn.Parameter:
+    # fp32 scales are stored as their int32 bit pattern: model.to(torch.bfloat16), .half() and DeepSpeed's
+    # bf16 cast convert every floating-point parameter and would silently round the quantization scales.
+    return _frozen(t.float().contiguous().view(torch.int32))
+
+
+def _as_fp32(p: torch.Tensor) -> torch.Tensor:
+    return p.view(torch.float32)
+
+
 class NF4Experts(nn.Module):
     """``E`` matrices of shape ``[out, in]`` stored as NF4 (0.5 byte per weight) plus blockwise scales.
 
     ``absmax`` holds one fp32 scale per block of ``blocksize`` weights, or with double quantization one
     uint8 code per block plus an fp32 scale per 256 codes (``absmax2``) and a global ``offset``
-    (bitsandbytes' ``compress_statistics=True``).
+    (bitsandbytes' ``compress_statistics=True``). fp32 tensors are kept as int32 bit patterns (see
+    ``_fp32_bits``); every parameter here is frozen and survives dtype casts of the model unchanged.
     """
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, blocksize: int, double_quant: bool,
@@ -38,11 +49,11 @@ class NF4Experts(nn.Module):
         self.num_experts, self.out_features, self.in_features = num_experts, out_features, in_features
         self.blocksize, self.double_quant, self.nested_blocksize = blocksize, double_quant, nested_blocksize
         self.packed = _frozen(packed)
-        self.absmax = _frozen(absmax)
+        self.absmax = _frozen(absmax) if double_quant else _fp32_bits(absmax)  # uint8 codes, or fp32 scales
         if double_quant:
-            self.absmax2 = _frozen(absmax2)
-            self.offset = _frozen(offset)
-            self.nested_code = _frozen(nested_code)
+            self.absmax2 = _fp32_bits(absmax2)
+            self.offset = _fp32_bits(offset)
+            self.nested_code = _fp32_bits(nested_code)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,14 +86,14 @@ class NF4Experts(nn.Module):
     def scales(self) -> torch.Tensor:
         """fp32 blockwise scales ``[E, blocks_per_expert]`` (undoing the double quantization when on)."""
         if not self.double_quant:
-            return self.absmax.float()
+            return _as_fp32(self.absmax)
         import bitsandbytes.functional as bnbf
 
         # The nested blocks (256 scales each) straddle experts, so undo them for the whole layer: that is
         # E*out*in/64 floats (25 MB for a 30B-A3B gate_up layer), transient, against 4x that per expert weight.
-        flat = bnbf.dequantize_blockwise(self.absmax.reshape(-1), absmax=self.absmax2, code=self.nested_code,
-                                         blocksize=self.nested_blocksize)
-        return (flat.float() + self.offset).reshape(self.num_experts, -1)
+        flat = bnbf.dequantize_blockwise(self.absmax.reshape(-1), absmax=_as_fp32(self.absmax2),
+                                         code=_as_fp32(self.nested_code), blocksize=self.nested_blocksize)
+        return (flat.float() + _as_fp32(self.offset)).reshape(self.num_experts, -1)
 
     def dequantize(self, experts: torch.Tensor | None, dtype: torch.dtype,
                    scales: torch.Tensor | None = None) -> torch.Tensor:
