@@ -160,6 +160,7 @@ def test_non_function_tools_dropped_with_a_note():
     ({"messages": [U]}, "no_assistant_turn"),
     ({"messages": []}, "no_messages"),
     ({"messages": [{"role": "robot", "content": "x"}, A]}, "unknown_role"),
+    ({"messages": [{"role": ["user"], "content": "x"}, A]}, "unknown_role"),
     ({"messages": [U, {"role": "assistant", "content": 5}]}, "wrong_type"),
     ({"messages": [U, A, {"role": "system", "content": "late"}, A]}, "system_not_first"),
     ({"messages": [U, {"role": "tool", "content": "r"}, A]}, "tool_without_call"),

@@ -75,11 +75,14 @@ def convert_file(
         if err is None:
             try:
                 messages, tools = to_messages(value, notes, opts)
-                line = dumps(build_record(messages, tools, system, notes)) + b"\n"
+                record = build_record(messages, tools, system, notes)
             except BadRecord as bad:
                 err = bad
-            except TypeError as exc:  # orjson: a string with a lone surrogate cannot be UTF-8
-                err = BadRecord("unserializable", str(exc))
+            else:
+                try:
+                    line = dumps(record) + b"\n"
+                except TypeError as exc:  # orjson: a string with a lone surrogate cannot be UTF-8
+                    err = BadRecord("unserializable", str(exc))
         if err is None:
             for sink in sinks:
                 sink.write(line)

@@ -33,7 +33,7 @@ from qwen_sft.data.options import ConvertOptions, FieldMap
 Converted = tuple[list[dict], list[dict]]  # (messages, tools)
 PAIRS = (("input", "output"), ("question", "answer"), ("prompt", "completion"), ("prompt", "response"),
          ("query", "response"))
-PLAIN_ROLES = frozenset(("system", "user", "assistant"))  # a {role, content} message of these needs no more work
+PLAIN_ROLES = ("system", "user", "assistant")  # a {role, content} message of these needs no more work
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "observation": "tool", "tool": "tool", "function_call": "function_call"}
 
