@@ -244,7 +244,7 @@ def _run(argv: list[str] | None) -> int:
             try:
                 result = tokenize(src, dst, model=args.model, max_len=args.max_len,
                                   trust_remote_code=args.trust_remote_code)
-            except ValueError as err:
+            except (ValueError, TokenizerLoadError) as err:
                 print(f"convert_to_chatml: --tokenize {src}: {err}", file=sys.stderr)
                 return 1
             print(f"tokenized {src} → {dst}: {result.get('samples')} samples, {result.get('tokens')} tokens")
