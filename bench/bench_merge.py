@@ -17,14 +17,21 @@ difference between the stream result and the peft-bf16 result (bf16 rounding onl
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
+# Run as a script, bench/ is sys.path[0] and bench/tokenize.py (another benchmark) would shadow the stdlib
+# module that torch imports; import from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
 
 PRELUDE = r"""
 import json, re, sys, time
