@@ -194,6 +194,7 @@ class ExpertEngine(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.lora_scaling: dict[str, float] = {}
         self.grouped_mm: bool | None = None  # None: grouped GEMM when the shapes allow it, else a loop
+        self.compute_dtype: torch.dtype | None = None  # dtype of the expert matmuls; None: the input's
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.grouped_mm is False:
@@ -248,8 +249,6 @@ class ExpertEngine(nn.Module):
         y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(hidden_states)
         return out.index_add(0, token_of, y.to(hidden_states.dtype))
-
-    compute_dtype: torch.dtype | None = None
 
     def storage_bytes(self) -> int:
         return self.gate_up_base.storage_bytes() + self.down_base.storage_bytes()
