@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qwen_sft.atomic import atomic_dir
+from qwen_sft.atomic import atomic_dir, atomic_open
 from qwen_sft.moe.experts import ExpertEngine
 from qwen_sft.moe.install import ExpertLoraSpec
 
@@ -85,6 +85,55 @@ def _is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _expert_setting(model: nn.Module) -> tuple[tuple[str, int, float], ...]:
+    """The one (name, rank, alpha) per fused parameter shared by every engine; raises when absent or mixed."""
+    engines = [e for e in expert_engines(model).values() if e.has_lora]
+    if not engines:
+        raise ValueError("no expert LoRA to save: install_expert_engine(..., lora=ExpertLoraSpec(...)) first")
+    settings = {tuple((k, e.lora_rank[k], e.lora_alpha[k]) for k in ("gate_up", "down")) for e in engines}
+    if len(settings) != 1:
+        raise ValueError(f"expert LoRA layers disagree on (rank, alpha): {sorted(settings)}")
+    return next(iter(settings))
+
+
+def add_expert_factors(model: nn.Module, adapter_dir: str | Path) -> int:
+    """Add the expert factors to a peft adapter directory that ``save_pretrained`` wrote (in place, each
+    file replaced atomically); returns the number of tensors added. Also what ExpertAdapterCallback runs."""
+    from safetensors.torch import load_file, save
+
+    adapter_dir = Path(adapter_dir)
+    setting = _expert_setting(model)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(weights)) if weights.exists() else {}
+    # Where the experts' rank/alpha differ from the config's r/alpha, peft reads them from rank_pattern /
+    # alpha_pattern keyed by the parameter name (checked: ParamWrapper gets that rank and scale).
+    rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
+    for name, rank, alpha in setting:
+        key = f"{name}_proj"
+        rank_pattern.pop(key, None)
+        alpha_pattern.pop(key, None)
+        if rank != int(cfg["r"]):
+            rank_pattern[key] = rank
+        if alpha != float(cfg["lora_alpha"]):
+            alpha_pattern[key] = alpha
+    cfg["rank_pattern"], cfg["alpha_pattern"] = rank_pattern, alpha_pattern
+    if cfg.get("lora_dropout"):
+        # peft's ParamWrapper refuses lora_dropout != 0; dropout is a training-time op, so loading for
+        # inference or merging with 0 computes exactly the trained function.
+        log.warning("adapter_config: lora_dropout %s -> 0.0 (peft cannot load expert LoRA with dropout)",
+                    cfg["lora_dropout"])
+        cfg["lora_dropout"] = 0.0
+    cfg["target_parameters"] = TARGET_PARAMETERS
+    experts = expert_state_dict(model)
+    tensors.update(experts)
+    with atomic_open(weights, "wb") as fh:
+        fh.write(save(tensors, metadata={"format": "pt"}))
+    with atomic_open(adapter_dir / "adapter_config.json") as fh:
+        fh.write(json.dumps(cfg, indent=2, sort_keys=True))
+    return len(experts)
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` holding attention LoRA (when ``model``
     is a PeftModel) and the expert factors, atomically. Returns the directory.
@@ -92,54 +141,20 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pa
     peft's own ``save_pretrained`` would silently drop the expert factors (it keeps only keys containing
     the adapter name), which is the bug other tools shipped; so always save through this function.
     """
-    from safetensors.torch import load_file, save_file
-
-    engines = {p: e for p, e in expert_engines(model).items() if e.has_lora}
-    if not engines:
-        raise ValueError("no expert LoRA to save: install_expert_engine(..., lora=ExpertLoraSpec(...)) first")
-    settings = {tuple((k, e.lora_rank[k], e.lora_alpha[k]) for k in ("gate_up", "down")) for e in engines.values()}
-    if len(settings) != 1:
-        raise ValueError(f"expert LoRA layers disagree on (rank, alpha): {sorted(settings)}")
-    (setting,) = settings
+    setting = _expert_setting(model)  # fail before anything is written
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
         if _is_peft_model(model):
             model.save_pretrained(tmp)
-            tensors = load_file(str(tmp / "adapter_model.safetensors"))
-            cfg = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
         else:
             from peft import LoraConfig
 
             _, r, alpha = setting[1]
             cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[], target_parameters=TARGET_PARAMETERS,
                              base_model_name_or_path=base_model_name_or_path).to_dict()
-            cfg = json.loads(json.dumps(cfg, default=list))
-        # Where the experts' rank/alpha differ from the config's r/alpha, peft reads them from rank_pattern /
-        # alpha_pattern keyed by the parameter name (checked: ParamWrapper gets that rank and scale).
-        rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
-        for name, rank, alpha in setting:
-            key = f"{name}_proj"
-            rank_pattern.pop(key, None)
-            alpha_pattern.pop(key, None)
-            if rank != int(cfg["r"]):
-                rank_pattern[key] = rank
-            if alpha != float(cfg["lora_alpha"]):
-                alpha_pattern[key] = alpha
-        cfg["rank_pattern"], cfg["alpha_pattern"] = rank_pattern, alpha_pattern
-        if cfg.get("lora_dropout"):
-            # peft's ParamWrapper refuses lora_dropout != 0; dropout is a training-time op, so loading for
-            # inference or merging with 0 computes exactly the trained function.
-            log.warning("adapter_config: lora_dropout %s -> 0.0 (peft cannot load expert LoRA with dropout)",
-                        cfg["lora_dropout"])
-            cfg["lora_dropout"] = 0.0
-        cfg["target_parameters"] = TARGET_PARAMETERS
-        experts = expert_state_dict(model)
-        tensors.update(experts)
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
-        log.info("saved adapter: %d tensors (%d expert factors for %d layers) to %s",
-                 len(tensors), len(experts), len(engines), out_dir)
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, default=list), encoding="utf-8")
+        n = add_expert_factors(model, tmp)
+        log.info("saved adapter with %d expert factor tensors to %s", n, out_dir)
     return out_dir
 
 
