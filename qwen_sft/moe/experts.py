@@ -134,7 +134,7 @@ class _RoutedExpertsFn(torch.autograd.Function):
         engine: ExpertEngine = ctx.engine
         dtype, lora = x.dtype, a1 is not None
         s1, s2 = engine.lora_scaling.get("gate_up", 0.0), engine.lora_scaling.get("down", 0.0)
-        dy = dy.to(dtype)
+        dy = dy.to(dtype).contiguous()  # grouped GEMM wants dense rows; autograd may hand an expanded grad
         dxs = []
         grads = [torch.zeros_like(p, dtype=torch.float32) if lora else None for p in (a1, b1, a2, b2)]
         sc1, sc2 = engine.gate_up_base.scales(), engine.down_base.scales()
