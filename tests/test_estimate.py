@@ -117,3 +117,19 @@ def test_estimate_matches_measured_tiny_model_bytes():
                                                                                       "o_proj"]))
     attention = sum(p.numel() for n, p in peft_model.named_parameters() if "self_attn" in n and "lora_" in n)
     assert lora_params(shape, 4) == attention + report.lora_params
+
+
+def test_dense_model_config_counts_match_published_size():
+    """The seed table's 7B row: Qwen2.5-Coder-7B's config (dense, q/k/v biases) gives its 7.62 B parameters."""
+    cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 3584,
+           "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "tie_word_embeddings": False}
+    shape = ModelShape.from_config(cfg)
+    est = estimate(shape, Options(mode="lora"))
+    assert est.params_total == 7_615_616_512 and est.params_experts == 0
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    small = {**cfg, "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in small.items() if k not in ("model_type", "architectures")}))
+    assert sum(p.numel() for p in model.parameters()) == estimate(ModelShape.from_config(small), Options()).params_total

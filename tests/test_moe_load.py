@@ -84,3 +84,8 @@ def test_missing_expert_is_named(model_dir, tmp_path):
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks experts \['5.up_proj'\]"):
         load_moe_model(broken, device="cpu")
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        load_moe_model(tmp_path / "nope", device="cpu")

@@ -50,6 +50,7 @@ class ModelShape:
     moe_intermediate: int = 0
     tied: bool = False
     qk_norm: bool = False
+    qkv_bias: bool = False
     moe_layers: int = 0
     name: str = ""
 
@@ -72,6 +73,8 @@ class ModelShape:
                    moe_intermediate=int(cfg.get("moe_intermediate_size") or 0),
                    tied=bool(cfg.get("tie_word_embeddings", False)),
                    qk_norm=cfg.get("model_type") in ("qwen3", "qwen3_moe") or bool(cfg.get("use_qk_norm")),
+                   # Qwen2 / Qwen2.5 always carry q/k/v biases; others say so with attention_bias
+                   qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ("qwen2", "qwen2_moe"))),
                    moe_layers=moe_layers, name=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0])
 
 
@@ -85,7 +88,7 @@ def parameter_groups(m: ModelShape) -> dict[str, list[int]]:
         "lm_head": [] if m.tied else [m.vocab * m.hidden],
         "attention (q/k/v/o)": attn,
         "norms + routers": [2 * m.hidden] * m.layers + [m.hidden] + ([2 * m.head_dim] * m.layers if m.qk_norm else [])
-        + [m.experts * m.hidden] * m.moe_layers,
+        + [m.experts * m.hidden] * m.moe_layers + ([q + 2 * kv] * m.layers if m.qkv_bias else []),
         "dense MLP": [m.hidden * m.intermediate] * 3 * dense_layers,
         # The expert engine stores each layer's fused gate_up [E, 2I, H] and down [E, H, I] as one tensor each.
         "routed experts": [m.experts * 2 * m.moe_intermediate * m.hidden, m.experts * m.hidden * m.moe_intermediate]

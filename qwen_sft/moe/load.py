@@ -31,6 +31,20 @@ _FUSED = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<proj>gate_up_proj|down_p
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def resolve_model_dir(name_or_path: str | Path, cache_dir: str | None = None) -> Path:
+    """A local directory as is; a Hub id (``Qwen/Qwen3-Coder-30B-A3B-Instruct``) from the local HF cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/")):
+        raise FileNotFoundError(f"{name_or_path}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    # local_files_only: loading must not download (the README's download step fills the cache first).
+    return Path(snapshot_download(str(name_or_path), cache_dir=cache_dir, local_files_only=True,
+                                  allow_patterns=["*.json", "*.safetensors"]))
+
+
 def _weight_map(model_dir: Path) -> dict[str, Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -94,12 +108,17 @@ def _fuse_layer(parts: dict, shards: _Shards, num_experts: int, device, dtype) -
 def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute_dtype: torch.dtype = torch.bfloat16,
                    quantize_experts: bool = True, quantize_attention: bool = False, double_quant: bool = True,
                    lora: ExpertLoraSpec | None = None, attn_implementation: str = "sdpa", config=None,
-                   blocksize: int = 64, chunk_experts: int = 32) -> tuple[nn.Module, EngineReport]:
-    """Build the causal LM on ``device`` with every ``mlp.experts`` already an ExpertEngine. See module doc."""
+                   blocksize: int = 64, chunk_experts: int = 32,
+                   cache_dir: str | None = None) -> tuple[nn.Module, EngineReport]:
+    """Build the causal LM on ``device`` with every ``mlp.experts`` already an ExpertEngine. See module doc.
+
+    ``model_dir``: a directory or a Hub id already in the local cache. ``config``: a (possibly edited)
+    transformers config to build with, e.g. with ``use_cache=False``; default: the checkpoint's own.
+    """
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir, cache_dir)
     config = config or AutoConfig.from_pretrained(model_dir)
     num_experts = int(getattr(config, "num_experts", 0) or 0)
     if not num_experts:
