@@ -147,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         same = (Path(tmp) / "a1.jsonl").read_bytes() == (Path(tmp) / "a2.jsonl").read_bytes()
         records = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()]
         texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in records]
+        # HF batch encoding is multi-threaded in Rust; the pipeline module turns that off for its forked workers.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         t = time.perf_counter()
         c_tokens = sum(len(x) for x in tok(texts, add_special_tokens=False).input_ids)
         results["c"] = time.perf_counter() - t
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         ours = [ids for ids, _ in iter_samples(Path(tmp) / "a1.jsonl")]
         sys_ids = tok("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n").input_ids
         # beyond the injected system prompt, the seed's ids differ wherever a content starts with a newline
@@ -167,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.n:,} conversations, "
           f"{tokens:,} tokens (template), seed-style {b_tokens:,} tokens; best of {args.repeat}; {stats[1]['engines']}")
     print(f"start-up once per process (encoder layout, probes, a 10-record run): {startup:5.2f} s")
-    print(f"(a) qwen-sft pipeline, 1 worker : {a1:7.2f} s  {tokens / a1:10,.0f} tok/s  {b / a1:5.1f}x vs (b)")
-    print(f"(a) qwen-sft pipeline, 2 workers: {a2:7.2f} s  {tokens / a2:10,.0f} tok/s  {b / a2:5.1f}x vs (b)  "
+    print(f"(a) qwen-sft pipeline, 1 worker    : {a1:7.2f} s  {tokens / a1:10,.0f} tok/s  {b / a1:5.1f}x vs (b)")
+    print(f"(a) qwen-sft pipeline, 2 workers   : {a2:7.2f} s  {tokens / a2:10,.0f} tok/s  {b / a2:5.1f}x vs (b)  "
           f"{a1 / a2:4.2f}x vs 1 worker; output identical: {same}")
-    print(f"(b) seed turn-by-turn, 1 process: {b:7.2f} s  {b_tokens / b:10,.0f} tok/s")
-    print(f"(c) HF batch encode (no I/O)    : {c:7.2f} s  {c_tokens / c:10,.0f} tok/s  (a, 1 worker) is {c / a1:4.2f}x of it")
+    print(f"(b) seed turn-by-turn, 1 process   : {b:7.2f} s  {b_tokens / b:10,.0f} tok/s")
+    print(f"(c) HF batch encode (threads, no I/O): {c:7.2f} s  {c_tokens / c:10,.0f} tok/s  (a, 1 worker) is {c / a1:4.2f}x of it")
     print(f"seed-style ids (injected system prompt aside) differ from the template's on {differ} of the first "
           f"{len(b_first)} conversations")
     for k, v in rss.items():

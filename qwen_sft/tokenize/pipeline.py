@@ -31,6 +31,8 @@ from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
 from qwen_sft.tokenize.writers import format_of, jsonl_rows, open_writer
 from qwen_sft.tokenizer import DEFAULT_MODEL, load_tokenizer
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool
+
 
 @dataclass
 class TokenizeOptions:
@@ -214,5 +216,3 @@ def _progress_bar(src: Path, enabled: bool):
     return tqdm(desc=f"tokenize {src.name}", unit=" rec", disable=not enabled or not sys.stderr.isatty(),
                 file=sys.stderr, mininterval=1.0)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool
