@@ -147,7 +147,7 @@ def test_verification_catches_a_wrong_merge(base_dir, adapter_dir, tmp_path, cap
         if bug == "no_op":
             return real(self) * 0
         if bug == "swapped_gate_up" and self.rows is not None:
-            half = self.B.shape[0] // 2
+            half = self.B.shape[1] // 2  # B is regrouped [E, out, r]
             other = slice(half, None) if self.rows.start == 0 else slice(0, half)
             return real(plan.Delta(**{**self.__dict__, "rows": other}))
         return real(plan.Delta(**{**self.__dict__, "expert": (self.expert + 1) % self.num_experts}))

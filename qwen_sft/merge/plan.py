@@ -57,12 +57,21 @@ class Delta:
             return self.A.float()
         if self.kind == "lora":
             return (self.B.float() @ self.A.float()) * self.scaling
-        # peft ParamWrapper (in/out swapped, as for Qwen3-MoE): A is (E·r, in) viewed as [E, r, in];
-        # B is (out, r·E) viewed as [out, r, E]; ΔW[e] = scaling · B[:, :, e] @ A[e]. Note the two views
-        # interleave experts differently (A expert-major, B rank-major): this is peft's layout, not a typo.
-        A = self.A.reshape(self.num_experts, -1, self.A.shape[-1])[self.expert].float()
-        B = self.B.reshape(self.B.shape[0], -1, self.num_experts)[self.rows if self.rows is not None else slice(None), :, self.expert].float()
-        return (B @ A) * self.scaling
+        # A and B were regrouped per expert once by expert_factors(): ΔW[e] = scaling · B[e] @ A[e].
+        B = self.B[self.expert] if self.rows is None else self.B[self.expert, self.rows]
+        return (B @ self.A[self.expert]) * self.scaling
+
+
+def expert_factors(A, B, num_experts: int) -> tuple[Any, Any]:
+    """peft ParamWrapper factors regrouped per expert: A [E, r, in], B [E, out, r], fp32 and contiguous.
+
+    peft (in/out swapped, as for Qwen3-MoE) stores A as (E·r, in) viewed as [E, r, in] and B as (out, r·E)
+    viewed as [out, r, E], so ΔW[e] = scaling · B[:, :, e] @ A[e]. The two views interleave experts
+    differently (A expert-major, B rank-major): that is peft's layout (``get_delta_weight``), not a typo.
+    """
+    A3 = A.float().reshape(num_experts, -1, A.shape[-1]).contiguous()
+    B3 = B.float().reshape(B.shape[0], -1, num_experts).permute(2, 0, 1).contiguous()
+    return A3, B3
 
 
 def resolve_base_path(name_or_path: str) -> Path:
@@ -169,6 +178,7 @@ def _plan_experts(adapter: Adapter, base: BaseCheckpoint, pair, plan: dict[str, 
                                              f"{sorted(targeted)} does not list (corrupted adapter_config.json?)"]
     scaling, bad = _scaling(adapter.config, f"{module}.{param}", A.shape[0] // E)
     problems += bad
+    A, B = expert_factors(A, B, E)  # once per pair, not once per expert tensor
     for e in range(E):
         for proj, rows in parts:
             key = f"{module}.{e}.{proj}.weight"
