@@ -136,6 +136,72 @@ def extrapolate(lo: dict, hi: dict, l_lo: int, l_hi: int) -> dict:
     return out
 
 
+def experts_only(dims: dict, experts: int, tokens: int, steps: int, r: int, device: str) -> dict:
+    """One MoE layer's experts alone, forward + backward: engine (NF4 + factors) vs peft ParamWrapper (bf16 + ΔW)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from qwen_sft.moe import ExpertEngine, NF4Experts
+
+    cfg = Qwen3MoeConfig(**{**dims, "num_experts": experts}, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    h, inter, k = dims["hidden_size"], dims["moe_intermediate_size"], dims["num_experts_per_tok"]
+    w1 = (torch.randn(experts, 2 * inter, h, generator=g) * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(experts, h, inter, generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.randn(tokens, h, generator=g).to(device, torch.bfloat16)
+    idx = torch.rand(tokens, experts, generator=g).topk(k, dim=-1).indices.to(device)
+    wts = torch.softmax(torch.randn(tokens, k, generator=g), -1).to(device, torch.bfloat16)
+
+    def stock():
+        holder = torch.nn.Module()
+        holder.mlp = torch.nn.Module()
+        holder.mlp.experts = Qwen3MoeExperts(cfg).to(device, torch.bfloat16)
+        with torch.no_grad():
+            holder.mlp.experts.gate_up_proj.copy_(w1)
+            holder.mlp.experts.down_proj.copy_(w2)
+        model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=[],
+                                                  target_parameters=["mlp.experts.gate_up_proj",
+                                                                     "mlp.experts.down_proj"]))
+        return model.base_model.model.mlp.experts
+
+    def engine():
+        eng = ExpertEngine(NF4Experts.quantize(w1.to(device)), NF4Experts.quantize(w2.to(device)))
+        eng.compute_dtype = torch.bfloat16
+        eng.add_lora(r, 2 * r, dtype=torch.float32)
+        return eng
+
+    out = {}
+    for name, build in (("engine", engine), ("stock", stock)):
+        module = build()
+        cuda = device.startswith("cuda")
+        times = []
+        for i in range(steps + 1):  # the first call warms up
+            xi = x.detach().requires_grad_()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            module(xi, idx, wts).float().pow(2).mean().backward()
+            if cuda:
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        stored = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+        out[name] = {"step_s_min": min(times), "trainable": trainable, "frozen_bytes": stored,
+                     "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+        print(f"experts-only {name:6} E={experts} tokens={tokens} top-{k}: fwd+bwd min {min(times):.3f} s, "
+              f"frozen expert bytes {stored / 1e6:.1f} MB, trainable {trainable:,}, "
+              f"peak {_gb(out[name]['peak_bytes'])} GB", flush=True)
+        del module
+        _free(device)
+    out["speedup"] = out["stock"]["step_s_min"] / out["engine"]["step_s_min"]
+    out["frozen_bytes_ratio"] = out["engine"]["frozen_bytes"] / out["stock"]["frozen_bytes"]
+    print(f"experts-only: engine/stock speed {out['speedup']:.2f}x, expert storage {out['frozen_bytes_ratio']:.3f}x")
+    return out
+
+
 def _gb(b: float | None) -> str:
     return "n/a" if b is None else f"{b / 1e9:.2f}"
 
@@ -150,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=["engine", "stock"], choices=["engine", "stock"])
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--experts-only", type=int, default=0, metavar="E",
+                   help="instead: time one layer's experts alone (E experts, --tokens tokens), engine vs peft")
+    p.add_argument("--tokens", type=int, default=512, help="tokens for --experts-only")
     a = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -160,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     seqs = a.seqs or ([64] if a.tiny else [2048, 8192])
     dims, dtype = (TINY if a.tiny else REAL), torch.bfloat16
     card = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    if a.experts_only:
+        res = {"device": card, "experts_only": experts_only(dims, a.experts_only, a.tokens, a.steps, a.lora_r,
+                                                             a.device)}
+        if a.out:
+            with atomic_open(a.out) as fh:
+                json.dump(res, fh, indent=2)
+        return 0
     results: dict = {"device": card, "dims": dims, "layers": a.layers, "lora_r": a.lora_r, "steps": a.steps,
                      "runs": {}}
     with tempfile.TemporaryDirectory(prefix="moe_bench_") as tmp:

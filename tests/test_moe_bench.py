@@ -35,3 +35,17 @@ def test_bench_runs_tiny_on_cpu(tmp_path):
     assert runs["engine/L2/seq32"]["trainable"] == runs["stock/L2/seq32"]["trainable"]
     assert "speedup_measured" in res["extrapolated"]["32"]
     assert "tokens/s engine/stock" in proc.stdout
+
+
+def test_bench_experts_only_mode(tmp_path):
+    out = tmp_path / "experts.json"
+    proc = subprocess.run([sys.executable, "bench/moe_gpu.py", "--tiny", "--device", "cpu", "--experts-only", "8",
+                           "--tokens", "32", "--steps", "1", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["experts_only"]
+    # Same trainable factors (peft's layout), and NF4 + scales hold the experts in about a quarter of bf16's bytes
+    # (0.28 at this toy size, where the per-tensor constants still show; 0.258 at the real width).
+    assert res["engine"]["trainable"] == res["stock"]["trainable"] == 8 * 8 * ((64 + 64) + (32 + 64))  # E*r*((H+2I)+(I+H))
+    assert 0.25 < res["frozen_bytes_ratio"] < 0.3
+    assert res["speedup"] > 0
