@@ -34,6 +34,7 @@ def test_real_config_parameter_counts(real_shape):
     assert sum(r[1] for r in est.rows if r[0].startswith("weights:")) == est.params_total
     experts = dict((r[0], r[3]) for r in est.rows)["weights: routed experts"]
     assert experts == 48 * (nf4_bytes(128 * 1536 * 2048) + nf4_bytes(128 * 2048 * 768))
+    assert est.dequant_chunk == 2 * 32 * 3 * 768 * 2048  # 302 MB: 32 experts' bf16 weights at a time
     lora = dict((r[0], r[1]) for r in est.rows)["LoRA parameters"]
     assert lora == 48 * 8 * ((2048 + 4096) * 2 + 2 * (2048 + 512)) + 48 * 128 * 8 * (2048 + 1536 + 768 + 2048)
 

@@ -146,6 +146,7 @@ class Estimate:
     activations_ckpt: int = 0
     activations_full: int = 0
     logits: int = 0
+    dequant_chunk: int = 0  # the engine's transient bf16 weights of one chunk of experts (qlora)
 
     @property
     def static_bytes(self) -> int:
@@ -153,7 +154,7 @@ class Estimate:
 
     def total(self, checkpointing: bool) -> int:
         act = self.activations_ckpt if checkpointing else self.activations_full
-        return self.static_bytes + act + self.logits + CUDA_OVERHEAD_BYTES
+        return self.static_bytes + act + self.logits + self.dequant_chunk + CUDA_OVERHEAD_BYTES
 
 
 def activation_bytes(m: ModelShape, o: Options) -> tuple[int, int]:
@@ -203,6 +204,9 @@ def estimate(m: ModelShape, o: Options) -> Estimate:
     est.activations_ckpt, est.activations_full = activation_bytes(m, o)
     # bf16 logits, their fp32 upcast inside the loss, and the fp32 gradient: the transient peak at the loss.
     est.logits = o.seq * o.batch * m.vocab * (2 + 4 + 4)
+    if o.mode == "qlora" and m.moe_layers:
+        # ExpertEngine dequantizes at most chunk_experts (32) experts' gate_up + down at a time, in bf16.
+        est.dequant_chunk = 2 * min(32, m.experts) * 3 * m.moe_intermediate * m.hidden
     return est
 
 
@@ -236,6 +240,7 @@ def render(m: ModelShape, o: Options, est: Estimate, source: str) -> str:
         f"{'activations, gradient checkpointing':<44}{'':>16}  {'bf16':<8}{_gib(est.activations_ckpt):>9}",
         f"{'activations, no checkpointing':<44}{'':>16}  {'bf16':<8}{_gib(est.activations_full):>9}",
         f"{'logits at the loss (bf16 + fp32 + grad)':<44}{'':>16}  {'':<8}{_gib(est.logits):>9}",
+        f"{'dequantized expert chunk (transient)':<44}{'':>16}  {'bf16':<8}{_gib(est.dequant_chunk):>9}",
         f"{'CUDA context + workspace (assumed)':<44}{'':>16}  {'':<8}{_gib(CUDA_OVERHEAD_BYTES):>9}",
         "",
         f"total per GPU with gradient checkpointing: {est.total(True) / GiB:.2f} GiB "
