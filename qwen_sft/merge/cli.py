@@ -115,18 +115,20 @@ def run(args: argparse.Namespace) -> int:
             plan = plan_merge(adapter, base)
             if adapter.tokenizer_dir is None and find_tokenizer_dir(base.path) is None:
                 raise MergeError(f"no tokenizer beside {adapter_dir} or in {base.path}; the merged model needs one")
-            work.append((adapter, plan, sub))
+            print(_summary(adapter, plan))
+            for note in _notes(adapter, base, args.base_model_path):
+                print(f"note: {note}")
+            work.append((adapter_dir, sub))
+            del adapter, plan  # re-read at merge time: with --all_checkpoints, hold one adapter at a time
         except MergeError as err:
             errors.append(str(err))
     if errors or base is None:
         raise MergeError("\n".join(errors))
-    for adapter, plan, _ in work:
-        print(_summary(adapter, plan))
-        for note in _notes(adapter, base, args.base_model_path):
-            print(f"note: {note}")
 
     with atomic_dir(out) as tmp:
-        for adapter, plan, sub in work:
+        for adapter_dir, sub in work:
+            adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
+            plan = plan_merge(adapter, base)
             target = tmp / sub
             target.mkdir(parents=True, exist_ok=True)
             stats = merge_shards(base, plan, target, dtype=args.dtype)
