@@ -88,13 +88,37 @@ def test_resume_continues_exactly(tiny_model_dir, tokenized, tmp_path):
     assert any(not torch.equal(start[k], wa[k]) for k in wa), "the last 3 steps changed nothing"
 
 
+def _free_port() -> str:
+    # torchrun's --master_port 0 leaves the workers waiting on port 0 forever; pick a free port instead.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _run(cmd: list[str], env: dict, cwd: Path, timeout: int) -> tuple[int, str]:
+    """Run in its own process group so that a timeout also ends torchrun's workers."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
+    return proc.returncode, out
+
+
 def _torchrun(cfg: Path, out: Path, *overrides: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
            "-m", "qwen_sft.cli", "train", str(cfg), f"output_dir={out}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    code, text = _run(cmd, env, REPO, timeout=420)
+    assert code == 0, text[-6000:]
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +159,14 @@ def test_scripts_parse_their_flags(script, tiny_model_dir, tokenized, tmp_path):
     """DRY_RUN=1 goes through torchrun, train.py's parser, config and data validation, and stops before the model."""
     if script != "qlora_qwen3_30b.sh":
         pytest.importorskip("deepspeed")
-    env = {**os.environ, "DRY_RUN": "1", "GPUS_PER_NODE": "1", "MASTER_PORT": "0", "MODEL": str(tiny_model_dir),
+    env = {**os.environ, "DRY_RUN": "1", "GPUS_PER_NODE": "1", "MASTER_PORT": _free_port(), "MODEL": str(tiny_model_dir),
            "QWEN_SFT_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"), "PYTHON": sys.executable}
     out = tmp_path / "out"
     args = [str(tokenized), str(out), "run1"] if script.startswith("qlora") else [str(tokenized), str(tiny_model_dir),
                                                                                  str(out)]
-    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args, "--use_cpu", "true",
-                           "--data_cache_dir", str(tmp_path / "cache")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-4000:]
+    code, text = _run(["bash", str(REPO / "scripts" / script), *args, "--use_cpu", "true",
+                       "--data_cache_dir", str(tmp_path / "cache")], env, tmp_path, timeout=300)
+    assert code == 0, text[-4000:]
     assert "dry run: config and data valid" in text
     if script.startswith("qlora"):
         for expected in ("gradient_accumulation_steps = 16", "optim = 'paged_adamw_8bit'", "learning_rate = 0.0001",
