@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         for adapter_dir, sub in work:
             adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
             plan = plan_merge(adapter, base)
+            adapter.pairs.clear()  # the plan holds every factor it needs (experts regrouped); free the originals
             target = tmp / sub
             target.mkdir(parents=True, exist_ok=True)
             stats = merge_shards(base, plan, target, dtype=args.dtype)
