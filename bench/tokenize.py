@@ -98,17 +98,47 @@ def seed_style(src: Path, dst: Path, tok) -> tuple[int, list[list[int]]]:
     return tokens, first
 
 
-def rss_run(src: Path, workers: int) -> float:
-    """Peak RSS (MiB) of one pipeline run in a fresh process: the parent's and its largest worker's."""
-    code = (
-        "import resource, sys; from pathlib import Path; from qwen_sft.tokenize.pipeline import tokenize_chatml_file;"
-        f"tokenize_chatml_file(Path({str(src)!r}), Path({str(src)!r} + '.rss.arrow'), model='offline', "
-        f"workers={workers}, progress=False);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    own, child = map(int, out.stdout.split()[-2:])
-    return max(own, child) / 1024
+def rss_child(src: Path, workers: int) -> None:
+    """Run the pipeline once; print the peak RSS (MiB) of this process and of its whole tree (workers included).
+
+    VmHWM is read from /proc because ru_maxrss survives fork + exec (it would report the bench's own
+    peak); the tree peak is the sum of RSS over this process and its workers, sampled every 20 ms
+    (shared copy-on-write pages are counted in each process, so it overstates, never understates).
+    """
+    import threading
+
+    import psutil
+
+    from qwen_sft.tokenize.pipeline import tokenize_chatml_file
+
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = me.memory_info().rss
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            peak[0] = max(peak[0], total)
+            done.wait(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    tokenize_chatml_file(src, src.with_name(src.name + ".rss.arrow"), model="offline", workers=workers, progress=False)
+    done.set()
+    thread.join()
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"{hwm / 1024:.1f} {peak[0] / 2**20:.1f}")
+
+
+def rss_run(src: Path, workers: int) -> tuple[float, float]:
+    """(peak RSS of the pipeline process, peak RSS summed over it and its workers), MiB, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--rss-child", str(src), str(workers)], capture_output=True,
+                         text=True, check=True, cwd=REPO)
+    own, tree = map(float, out.stdout.split()[-2:])
+    return own, tree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=20_000, help="conversations (default 20,000)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved runs per path; the best counts (default 3)")
     p.add_argument("--no-rss", action="store_true", help="skip the 1x / 10x peak-RSS runs")
+    p.add_argument("--rss-child", nargs=2, metavar=("SRC", "WORKERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rss_child:
+        rss_child(Path(args.rss_child[0]), int(args.rss_child[1]))
+        return 0
     from qwen_sft.tokenize.pipeline import tokenize_chatml_file
     from qwen_sft.tokenize.writers import iter_samples
     from qwen_sft.tokenizer import load_tokenizer
@@ -158,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         # beyond the injected system prompt, the seed's ids differ wherever a content starts with a newline
         differ = sum(a != (b[len(sys_ids):] if b[: len(sys_ids)] == sys_ids else b) for a, b in zip(ours, b_first))
         assert c_tokens == tokens, (c_tokens, tokens)  # (a) and (c) agree on every token
-        rss: dict[str, float] = {}
+        rss: dict[str, tuple[float, float]] = {}
         if not args.no_rss:
             big = Path(tmp) / "chatml10.jsonl"
             with open(big, "wb") as fh:
@@ -177,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(c) HF batch encode (threads, no I/O): {c:7.2f} s  {c_tokens / c:10,.0f} tok/s  (a, 1 worker) is {c / a1:4.2f}x of it")
     print(f"seed-style ids (injected system prompt aside) differ from the template's on {differ} of the first "
           f"{len(b_first)} conversations")
-    for k, v in rss.items():
-        print(f"peak RSS {k}: {v:7.1f} MiB")
+    for k, (own, tree) in rss.items():
+        print(f"peak RSS {k:13s}: pipeline process {own:7.1f} MiB, with its workers {tree:7.1f} MiB")
     return 0
 
 
