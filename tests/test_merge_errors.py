@@ -167,3 +167,44 @@ def test_entry_point_script(tmp_path):
         f"merge: error: --base_model_path {tmp_path / 'b'}: no such directory",
         f"adapter directory {tmp_path / 'a'} does not exist"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_qwen_sft_merge_verb_is_the_same_command(capsys):
+    from qwen_sft.cli import main as qwen_sft
+
+    with pytest.raises(SystemExit) as exc:
+        qwen_sft(["merge", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--adapter_path ADAPTER_PATH, --train_adapters_path ADAPTER_PATH" in text and "--all_checkpoints" in text
+
+
+def test_hub_id_not_in_cache_is_a_clear_error(adapter_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = fails(capsys, Path("no-such-org/no-such-model"), adapter_dir, tmp_path / "out")
+    assert "--base_model_path no-such-org/no-such-model: not a local directory and not available from the Hub" in err
+
+
+def test_trained_on_another_path_is_a_note_not_an_error(base_dir, adapter_dir, tmp_path, capsys):
+    """A downloaded copy of the same model under another name is fine when every shape fits."""
+    base = Path(shutil.copytree(base_dir, tmp_path / "my-local-copy"))
+    rc = main(["--base_model_path", str(base), "--adapter_path", str(adapter_dir), "--output_path",
+               str(tmp_path / "out"), "--no_verify"])
+    assert rc == 0
+    assert f"note: the adapter was trained on {str(base_dir)!r}, merging into {str(base)!r} (every shape matches)" \
+        in capsys.readouterr().out
+
+
+def test_float16_overflow_is_refused(base_dir, tmp_path, capsys):
+    """ΔW beyond float16's range: bf16 keeps it, fp16 would write inf, so the fp16 merge stops."""
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "huge"
+    adapter.mkdir()
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    save_file({f"{key}.lora_A.weight": torch.full((1, 96), 300.0), f"{key}.lora_B.weight": torch.full((64, 1), 300.0)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1,
+                                                             "target_modules": ["o_proj"]}))
+    err = fails(capsys, base_dir, adapter, tmp_path / "out", "--dtype", "float16", "--no_verify")
+    assert "model.layers.0.self_attn.o_proj.weight: the merged weight overflows float16" in err
