@@ -208,3 +208,12 @@ def test_float16_overflow_is_refused(base_dir, tmp_path, capsys):
                                                              "target_modules": ["o_proj"]}))
     err = fails(capsys, base_dir, adapter, tmp_path / "out", "--dtype", "float16", "--no_verify")
     assert "model.layers.0.self_attn.o_proj.weight: the merged weight overflows float16" in err
+
+
+def test_adapter_peft_cannot_load_fails_verification_cleanly(base_dir, adapter_dir, tmp_path, capsys):
+    """peft refuses lora_dropout on target_parameters; the merge itself would work, the check cannot run."""
+    adapter = copy_adapter(adapter_dir, tmp_path)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropout": 0.1}))
+    err = fails(capsys, base_dir, adapter, tmp_path / "out")
+    assert "peft cannot load" in err and "--no_verify" in err

@@ -101,7 +101,11 @@ def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer_
     prompts = _prompt_ids(tokenizer_dir)
     kwargs = {"dtype": torch.bfloat16, **_device_kwargs(device)}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    except (ValueError, RuntimeError, KeyError) as err:  # e.g. lora_dropout != 0 on target_parameters
+        raise MergeError(f"peft cannot load {adapter_dir} for the reference forward ({err}); the merged weights "
+                         "cannot be checked against it. Fix the adapter config, or pass --no_verify.") from err
     model.eval()
     reference = _logits(model, prompts)
     with model.disable_adapter():
