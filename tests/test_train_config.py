@@ -143,3 +143,16 @@ def test_untokenized_data_fails_before_the_model_loads(tiny_model_dir, tmp_path,
     assert "not tokenized (no input_ids) (1):\n    line 1: keys ['messages']" in captured.err
     assert "convert_to_chatml.py ./raw --tokenize" in captured.err
     assert "parameters by group" not in captured.out and not (tmp_path / "out").exists()
+
+
+def test_flash_attention_only_when_installed():
+    from transformers.utils import is_flash_attn_2_available
+
+    from qwen_sft.train.model import attention_implementation
+
+    assert attention_implementation(ModelArguments()) == "sdpa"
+    if is_flash_attn_2_available():
+        assert attention_implementation(ModelArguments(use_flash_attention=True)) == "flash_attention_2"
+    else:
+        with pytest.raises(RuntimeError, match="flash-attn 2 is not installed"):
+            attention_implementation(ModelArguments(use_flash_attention=True))

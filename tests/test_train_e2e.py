@@ -74,9 +74,11 @@ def test_lora_trains_experts_and_reloads_with_same_logits(tiny_model_dir, realda
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    metrics, _ = _train("lora", tiny_model_dir, realdata_tokenized, out)
+    metrics, _ = _train("lora", tiny_model_dir, realdata_tokenized, out, "router_aux_loss_coef=0.01")
     assert metrics["global_step"] == STEPS
     _check_tree(out, adapter=True)
+    history = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert all(h["aux_loss"] > 0 for h in history)  # router load-balancing loss logged on its own
     groups = json.loads((out / "trainable_params.json").read_text())
     assert groups["experts"]["trainable"] > 0 and groups["attention"]["trainable"] > 0
     assert groups["router"]["trainable"] == 0 and groups["other"]["trainable"] == 0
