@@ -41,6 +41,10 @@ def expert_memory_gib(config, bits: float = 16.0) -> float:
     return len(moe_layers) * per_layer * bits / 8 / 2**30
 
 
+def _size(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.2f} MiB"
+
+
 def _local_device() -> dict | None:
     """Each torchrun rank keeps its own quantized copy on its own GPU (``LOCAL_RANK``)."""
     if torch.cuda.is_available():
@@ -81,11 +85,13 @@ def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False
             llm_int8_skip_modules=NOT_QUANTIZED)
         kwargs["device_map"] = _local_device()
         if getattr(config, "num_experts", 0):
+            bits = torch.finfo(getattr(torch, model_args.torch_dtype)).bits
             log("!" * 100)
             log(f"WARNING: bitsandbytes quantizes only nn.Linear layers; on transformers v5 the fused MoE experts "
-                f"stay in {model_args.torch_dtype}: {expert_memory_gib(config):.2f} GiB of expert weights instead "
-                f"of ~{expert_memory_gib(config, 4.5):.2f} GiB in NF4 (computed from the model config). The MoE "
-                f"expert engine (qwen_sft/moe) removes this cost once it lands.")
+                f"stay in {model_args.torch_dtype}: {_size(expert_memory_gib(config, bits))} of expert weights "
+                f"instead of ~{_size(expert_memory_gib(config, 4.5))} in NF4 (computed from the model config; "
+                f"NF4 ≈ 4.5 bits with its scales). The MoE expert engine (qwen_sft/moe) removes this cost once it "
+                f"lands.")
             log("!" * 100)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
