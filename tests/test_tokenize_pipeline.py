@@ -112,6 +112,8 @@ def test_failure_leaves_previous_output_untouched(mixed, tmp_path, monkeypatch):
 def test_bad_options_fail_before_loading(tmp_path, mixed):
     with pytest.raises(ValueError, match="max_len=1.*policy='first'"):
         tokenize_chatml_file(mixed, tmp_path / "x.jsonl", model="offline", max_len=1, policy="first")
+    with pytest.raises(ValueError, match="unknown tokenize option.*split"):
+        tokenize_chatml_file(mixed, tmp_path / "x.jsonl", model="offline", split=True)
     with pytest.raises(ValueError, match=".npy was a pickle"):
         run(mixed, tmp_path / "x.npy")
     with pytest.raises(TokenizerLoadError, match="local directory"):

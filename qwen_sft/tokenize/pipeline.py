@@ -166,6 +166,10 @@ def tokenize_chatml_file(
     """
     global _WORKER
     src, dst = Path(src), Path(dst)
+    unknown = sorted(set(more_options) - set(TokenizeOptions.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown tokenize option(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(TokenizeOptions.__dataclass_fields__)}")
     opts = TokenizeOptions(model=model, max_len=max_len, trust_remote_code=trust_remote_code, **more_options)
     fmt = format_of(dst)  # an unknown extension fails before anything is loaded
     if not src.is_file():
