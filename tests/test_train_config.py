@@ -156,3 +156,21 @@ def test_flash_attention_only_when_installed():
     else:
         with pytest.raises(RuntimeError, match="flash-attn 2 is not installed"):
             attention_implementation(ModelArguments(use_flash_attention=True))
+
+
+def test_train_router_with_lora(tiny_model_dir):
+    import torch
+    from transformers import AutoConfig
+
+    from qwen_sft.train.model import apply_lora, freeze_router, load_model, parameter_groups
+
+    args = ModelArguments(model_name_or_path=str(tiny_model_dir), torch_dtype="float32", use_peft=True,
+                          train_router=True, peft_config_path=str(REPO / "configs/lora/adapter_config.json"))
+    model, _ = apply_lora(load_model(args, AutoConfig.from_pretrained(tiny_model_dir)), args, False)
+    freeze_router(model, True)
+    groups = parameter_groups(model)
+    assert groups["router"]["trainable"] == 2 * 8 * 64  # 2 layers x [8 experts, hidden 64], counted once
+    ids = torch.tensor([[151644, 872, 198, 14990]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    gate = model.base_model.model.model.layers[0].mlp.gate
+    assert gate.modules_to_save["default"].weight.grad is not None

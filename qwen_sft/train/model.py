@@ -181,7 +181,8 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
 
 def freeze_router(model, train_router: bool) -> None:
     for name, p in model.named_parameters():
-        if ".mlp.gate." in name and "lora_" not in name:
+        # With LoRA + train_router peft keeps a frozen original_module beside the trained copy.
+        if ".mlp.gate." in name and "lora_" not in name and "original_module" not in name:
             p.requires_grad_(train_router)
 
 
