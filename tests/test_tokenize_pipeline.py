@@ -90,6 +90,15 @@ def test_workers_give_byte_identical_output_in_input_order(tmp_path):
     assert first[0][3:9] == [7985, 729, 1372, 220, 16, 13]  # "Write function number 1." — row 0 is record 1
 
 
+@pytest.mark.slow
+def test_spawned_workers_give_the_same_output(tmp_path, monkeypatch):
+    src = write_lines(tmp_path / "s.jsonl", [conversation(i) for i in range(40)])
+    run(src, tmp_path / "fork.jsonl", workers=2, chunk_size=8)
+    monkeypatch.setattr(pipeline.mp, "get_all_start_methods", lambda: ["spawn"])
+    run(src, tmp_path / "spawn.jsonl", workers=2, chunk_size=8)
+    assert (tmp_path / "fork.jsonl").read_bytes() == (tmp_path / "spawn.jsonl").read_bytes()
+
+
 def test_truncate_option_counts_cuts(mixed, tmp_path):
     s = run(mixed, tmp_path / "t.jsonl", overlength="truncate")
     assert s["samples"] == 5 and s["truncated"] == {"mid_turn": 1} and s["dropped"] == {}

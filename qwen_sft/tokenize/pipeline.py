@@ -70,10 +70,14 @@ class TokenizeOptions:
 _WORKER: SampleTokenizer | None = None  # set in the parent before forking, or built by _init in spawn mode
 
 
-def _init(opts: TokenizeOptions) -> None:
+def _init(opts: TokenizeOptions, paths: tuple[bool, bool, bool]) -> None:
+    """Spawned workers rebuild the tokenizer and take the parent's verified choice of fast paths."""
     global _WORKER
     if _WORKER is None:
         _WORKER = _make_sample_tokenizer(opts)
+        _WORKER.renderer.plain, _WORKER.renderer.fast, tiktoken_ok = paths
+        if not tiktoken_ok:
+            _WORKER.encoder._tt, _WORKER.encoder.name = None, "hf"
 
 
 def _make_sample_tokenizer(opts: TokenizeOptions) -> SampleTokenizer:
@@ -130,9 +134,11 @@ def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterato
     if opts.workers == 1:
         yield from (_process(chunk, fmt) for chunk in chunks)
         return
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(opts.workers, initializer=_init, initargs=(opts,)) as pool:
+    # fork shares the loaded tokenizer for free; spawn (macOS, Windows) rebuilds it in each worker
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    st = _WORKER
+    paths = (st.renderer.plain, st.renderer.fast, st.encoder.name == "tiktoken")
+    with ctx.Pool(opts.workers, initializer=_init, initargs=(opts, paths)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_process, (chunk, fmt)))
