@@ -29,5 +29,8 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check qwen_sft tests bench *.py
 
+demo: install
+	$(BIN)/python -m qwen_sft.demo
+
 clean:
 	rm -rf .cache/qwen_sft build *.egg-info .pytest_cache
