@@ -83,7 +83,12 @@ def test_lora_trains_experts_and_reloads_with_same_logits(tiny_model_dir, realda
     assert groups["experts"]["trainable"] > 0 and groups["attention"]["trainable"] > 0
     assert groups["router"]["trainable"] == 0 and groups["other"]["trainable"] == 0
     printed = capsys.readouterr().out
-    assert "experts   trainable" in printed and "applied to the 8 attention LoRA layers only" in printed
+    assert "experts   trainable" in printed and "expert engine: 2 layers" in printed and "16-bit frozen" in printed
+    assert "stay in float32" not in printed
+    experts = metrics["model"].base_model.model.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "ExpertEngine" and type(experts.gate_up_base).__name__ == "DenseExperts"
+    assert json.loads((out / "adapter_config.json").read_text())["target_parameters"] == [
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     adapter = load_file(out / "adapter_model.safetensors")
     lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
     assert any("experts" in k for k in lora_b) and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at 0
@@ -117,17 +122,80 @@ def test_full_finetune_changes_weights_but_not_the_router(tiny_model_dir, realda
     assert groups["router"]["trainable"] == 0 and groups["experts"]["trainable"] == groups["experts"]["total"]
 
 
-def test_qlora_quantizes_linears_warns_about_experts(tiny_model_dir, realdata_tokenized, tmp_path, capsys):
+def _stock_with_engine_base(model_dir: Path, model) -> object:
+    """A stock fp32 model holding ``model``'s (a freshly loaded engine model) dequantized NF4 weights."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for ours, theirs in zip(model.model.layers, stock.model.layers):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                w = getattr(ours.self_attn, name).weight
+                getattr(theirs.self_attn, name).weight.copy_(bnb.functional.dequantize_4bit(w.data, w.quant_state))
+            eng = ours.mlp.experts
+            theirs.mlp.experts.gate_up_proj.copy_(eng.gate_up_base.dequantize(None, torch.float32))
+            theirs.mlp.experts.down_proj.copy_(eng.down_base.dequantize(None, torch.float32))
+    return stock
+
+
+def test_qlora_uses_expert_engine_and_reloads(tiny_model_dir, realdata_tokenized, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    from qwen_sft.train.model import apply_lora, load_model
+    from qwen_sft.train.trainer import SFTTrainer
+
     out = tmp_path / "qlora"
-    metrics, _ = _train("qlora", tiny_model_dir, realdata_tokenized, out)
+    metrics, config = _train("qlora", tiny_model_dir, realdata_tokenized, out)
     assert metrics["global_step"] == STEPS
     _check_tree(out, adapter=True)
     printed = capsys.readouterr().out
-    assert printed.count("fused MoE experts stay in float32") == 1
+    assert "stay in float32" not in printed and "expert engine: 2 layers" in printed and "NF4" in printed
     model = metrics["model"]
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.quant_type == "nf4"
     assert type(model.base_model.model.lm_head).__name__ == "Linear"  # never quantized
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "ExpertEngine" and type(experts.gate_up_base).__name__ == "NF4Experts"
+    weights = experts.gate_up_base.packed.numel() * 2 + experts.down_base.packed.numel() * 2
+    assert 0.5 <= experts.storage_bytes() / weights < 0.6  # NF4 + double-quant scales
+    groups = json.loads((out / "trainable_params.json").read_text())
+    assert groups["experts"]["trainable"] > 0 and groups["router"]["trainable"] == 0
+    assert groups["experts"]["total"] - groups["experts"]["trainable"] == 2 * 8 * 3 * 64 * 32  # weights, not bytes
+    # The saved adapter (attention LoRA + expert factors) on a stock model with the same (dequantized) base.
+    ids = torch.tensor([[151644, 872, 198, 14990, 151645, 198, 151644, 77091, 198]])
+    trained = _logits(model, ids)
+    stock = _stock_with_engine_base(tiny_model_dir, load_model(config.model, _model_config(tiny_model_dir)))
+    untrained = _logits(stock, ids)
+    # bitsandbytes' 4-bit CPU matmul vs the dequantized fp32 weights: ~4e-3 apart before any training.
+    torch.testing.assert_close(_logits(PeftModel.from_pretrained(stock, out), ids), trained, rtol=0, atol=2e-2)
+    assert (untrained - trained).abs().max() > 0.1, "the adapter changed nothing"
+    # Resume: a fresh engine model loads checkpoint-N's attention LoRA and expert factors.
+    fresh, _ = apply_lora(load_model(config.model, _model_config(tiny_model_dir)), config.model, True)
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
+    assert want.keys() == got.keys() and any(".mlp.experts.lora_" in n for n in want)
+    assert not all(torch.equal(want[n], got[n]) for n in want)
+    SFTTrainer._load_from_checkpoint(None, str(out / f"checkpoint-{STEPS}"), fresh)
+    for n in want:  # every trained factor, attention and expert, comes back exactly
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=n)
+
+
+def _model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def test_qlora_without_expert_engine_warns_about_experts(tiny_model_dir, realdata_tokenized, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora_stock"
+    metrics, _ = _train("qlora", tiny_model_dir, realdata_tokenized, out, "expert_engine=false")
+    assert metrics["global_step"] == STEPS
+    printed = capsys.readouterr().out
+    assert printed.count("fused MoE experts stay in float32") == 1 and "expert engine:" not in printed
+    model = metrics["model"]
+    assert type(model.base_model.model.model.layers[0].mlp.experts).__name__ != "ExpertEngine"
     groups = json.loads((out / "trainable_params.json").read_text())
     assert groups["experts"]["trainable"] > 0 and groups["router"]["trainable"] == 0

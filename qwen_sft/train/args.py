@@ -42,6 +42,11 @@ class ModelArguments:
         default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes) and train LoRA on it. "
                                          "Implies --use_peft."}
     )
+    expert_engine: bool = field(
+        default=True, metadata={"help": "MoE models with --use_peft/--use_qlora: NF4 experts + expert LoRA through "
+                                        "qwen_sft.moe (docs/moe.md); false = stock transformers + peft "
+                                        "target_parameters (experts stay 16-bit under QLoRA)."}
+    )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = field(
         default="bfloat16", metadata={"help": "Dtype 4-bit matmuls compute in."}

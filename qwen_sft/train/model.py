@@ -63,8 +63,31 @@ def attention_implementation(model_args: ModelArguments) -> str:
     return "flash_attention_2"
 
 
+def uses_expert_engine(model_args: ModelArguments, config, deepspeed_zero3: bool = False) -> bool:
+    """LoRA/QLoRA on an MoE model with ``expert_engine`` (the default): experts go through qwen_sft.moe."""
+    if not (model_args.use_peft and model_args.expert_engine and getattr(config, "num_experts", 0)):
+        return False
+    if deepspeed_zero3:
+        raise ValueError("the MoE expert engine does not support DeepSpeed ZeRO-3: use ZeRO-2/DDP, or "
+                         "--expert_engine false")
+    if model_args.use_qlora and model_args.bnb_4bit_quant_type != "nf4":
+        raise ValueError(f"the MoE expert engine stores NF4 only, got bnb_4bit_quant_type="
+                         f"{model_args.bnb_4bit_quant_type}: use nf4, or --expert_engine false")
+    return True
+
+
+def expert_lora_spec(model_args: ModelArguments):
+    """The engine's expert rank/alpha from the adapter config (gate_up_proj at 2r / 2·alpha, see lora_settings)."""
+    from qwen_sft.moe import ExpertLoraSpec
+
+    r, alpha, _, rank_pattern, alpha_pattern = lora_settings(read_lora_config(model_args.peft_config_path))
+    return ExpertLoraSpec.from_lora_config({"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern,
+                                            "alpha_pattern": alpha_pattern})
+
+
 def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False):
-    """The causal LM in ``torch_dtype`` (bf16 unless asked), ``use_cache=False``, 4-bit when ``use_qlora``."""
+    """The causal LM in ``torch_dtype`` (bf16 unless asked), ``use_cache=False``, 4-bit when ``use_qlora``.
+    MoE + LoRA/QLoRA with ``expert_engine``: experts are the engine's (NF4 under QLoRA) with expert LoRA."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     # use_cache=False: with a cache, packed rows attend across sample boundaries (see shared/spec).
@@ -73,9 +96,29 @@ def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False
     if coef is not None:
         config.router_aux_loss_coef = coef
     config.output_router_logits = bool(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    engine = uses_expert_engine(model_args, config, deepspeed_zero3)
     kwargs: dict = {"config": config, "dtype": getattr(torch, model_args.torch_dtype),
                     "attn_implementation": attention_implementation(model_args),
                     "cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
+    if engine:
+        from qwen_sft.moe import install_expert_engine, load_moe_model
+
+        spec = expert_lora_spec(model_args)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        if model_args.use_qlora:
+            model, report = load_moe_model(
+                model_args.model_name_or_path, device=device,
+                compute_dtype=getattr(torch, model_args.bnb_4bit_compute_dtype), quantize_experts=True,
+                quantize_attention=True, double_quant=model_args.bnb_4bit_use_double_quant, lora=spec,
+                attn_implementation=kwargs["attn_implementation"], config=config, cache_dir=model_args.cache_dir)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+            report = install_expert_engine(model, quantize_experts=False, lora=spec, compute_dtype=kwargs["dtype"],
+                                           device=device if torch.cuda.is_available() else None)
+        log(report.summary())
+        return model
     if model_args.use_qlora:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
@@ -90,8 +133,8 @@ def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False
             log(f"WARNING: bitsandbytes quantizes only nn.Linear layers; on transformers v5 the fused MoE experts "
                 f"stay in {model_args.torch_dtype}: {_size(expert_memory_gib(config, bits))} of expert weights "
                 f"instead of ~{_size(expert_memory_gib(config, 4.5))} in NF4 (computed from the model config; "
-                f"NF4 ≈ 4.5 bits with its scales). The MoE expert engine (qwen_sft/moe) removes this cost once it "
-                f"lands.")
+                f"NF4 ≈ 4.5 bits with its scales). --expert_engine true (the default, qwen_sft/moe) stores them "
+                f"in NF4.")
             log("!" * 100)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -139,21 +182,40 @@ def lora_targets(model, names: list[str]) -> tuple[list[str], list[str]]:
     return modules, sorted(set(params))
 
 
-def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
-    """Attach LoRA: attention Linears via ``target_modules``, fused experts via ``target_parameters``."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = read_lora_config(model_args.peft_config_path)
-    modules, params = lora_targets(model, list(cfg.get("target_modules") or []))
-    params = sorted(set(params) | set(cfg.get("target_parameters") or []))
+def lora_settings(cfg: dict) -> tuple[int, float, float, dict, dict]:
+    """r, lora_alpha, lora_dropout, rank_pattern, alpha_pattern of an adapter config."""
     r, alpha, dropout = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 16)), float(cfg.get("lora_dropout", 0.0))
-    names = set(cfg.get("target_modules") or [])
     rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
-    if {"gate_proj", "up_proj"} <= names:
+    if {"gate_proj", "up_proj"} <= set(cfg.get("target_modules") or []):
         # Two rank-r adapters (gate, up) become one on the fused [gate; up] matrix: rank 2r keeps the capacity,
         # alpha 2·alpha keeps the alpha/r scale. This is also how peft 0.21 rewrites such adapter configs.
         rank_pattern.setdefault("gate_up_proj", 2 * r)
         alpha_pattern.setdefault("gate_up_proj", 2 * alpha)
+    return r, alpha, dropout, rank_pattern, alpha_pattern
+
+
+def has_expert_engine(model) -> bool:
+    from qwen_sft.moe import ExpertEngine
+
+    return any(isinstance(m, ExpertEngine) for m in model.modules())
+
+
+def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
+    """Attach LoRA: attention Linears via ``target_modules``; fused experts via ``target_parameters``, or,
+    when the expert engine is installed (load_model), its own expert factors (peft never touches experts)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = read_lora_config(model_args.peft_config_path)
+    engine = has_expert_engine(model)
+    modules, params = lora_targets(model, list(cfg.get("target_modules") or []))
+    params = sorted(set(params) | set(cfg.get("target_parameters") or []))
+    r, alpha, dropout, rank_pattern, alpha_pattern = lora_settings(cfg)
+    if engine:
+        from qwen_sft.moe import TARGET_PARAMETERS
+
+        # The engine already carries the expert LoRA; peft gets the attention (and other Linear) targets only.
+        modules = [m for m in modules if m not in EXPERT_NAME_MAP and m not in EXPERT_PARAMS]
+        params = []
     if model_args.use_qlora or gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or the frozen base cuts the graph.
         model.enable_input_require_grads()
@@ -166,7 +228,14 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
         # the fused parameter does get rank 2r (tests/test_train_model.py checks the adapter shapes).
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
         peft_model = get_peft_model(model, lora)
-    if params and dropout:
+    if engine:
+        from qwen_sft.moe import enable_expert_lora
+
+        n = enable_expert_lora(peft_model)  # get_peft_model froze the engine's factors
+        log(f"expert engine: {n:,} expert LoRA parameters trainable (gate_up_proj rank "
+            f"{rank_pattern.get('gate_up_proj', r)}, down_proj rank {rank_pattern.get('down_proj', r)})")
+        params = list(TARGET_PARAMETERS)
+    if params and dropout and not engine:
         n = 0
         for module in peft_model.modules():
             drop = getattr(module, "lora_dropout", None)
@@ -175,7 +244,8 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
                 n += 1
         log(f"lora_dropout={dropout} applied to the {n} attention LoRA layers only: peft forbids dropout on fused "
             f"expert parameters ({', '.join(params)}), so the expert adapters train without it")
-    return peft_model, {"target_modules": modules, "target_parameters": params, "r": r, "lora_alpha": alpha,
+    return peft_model, {"expert_engine": engine, "target_modules": modules, "target_parameters": params, "r": r,
+                        "lora_alpha": alpha,
                         "lora_dropout": dropout, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
 
 
@@ -203,7 +273,12 @@ def parameter_groups(model) -> dict[str, dict[str, int]]:
         # 4-bit weights are packed two per byte into whatever storage dtype was chosen.
         # ZeRO-3 partitions leave numel() == 0 on each rank; ds_numel is the full size.
         numel = getattr(p, "ds_numel", p.numel())
-        n = numel * p.element_size() * 2 if type(p).__name__ == "Params4bit" else numel
+        if type(p).__name__ == "Params4bit" or name.endswith("_base.packed"):
+            n = numel * p.element_size() * 2
+        elif ".mlp.experts." in name and "_base." in name and not name.endswith("_base.weight"):
+            n = 0  # the engine's NF4 scales (absmax, ...): storage, not weights
+        else:
+            n = numel
         g = groups[parameter_group(name)]
         g["total"] += n
         if p.requires_grad:

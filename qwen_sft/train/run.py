@@ -163,13 +163,23 @@ def run(config: Config) -> dict:
     from qwen_sft.train.collate import make_collator
     from qwen_sft.train.trainer import ArtifactsCallback, SFTTrainer
 
+    engine = bool(lora_info and lora_info["expert_engine"])
+    callbacks = [ArtifactsCallback(out, config.run.loss_curve)]
+    if engine:
+        from qwen_sft.moe import ExpertAdapterCallback
+
+        callbacks.append(ExpertAdapterCallback())  # peft's save_pretrained drops the expert factors
     trainer = SFTTrainer(model=model, args=t, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
                          data_collator=make_collator(d.packing, tokenizer.pad_token_id),
-                         processing_class=tokenizer, router_aux_loss_coef=coef,
-                         callbacks=[ArtifactsCallback(out, config.run.loss_curve)])
+                         processing_class=tokenizer, router_aux_loss_coef=coef, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resume)
     # --- save ----------------------------------------------------------------------------------------
     trainer.save_model(str(out))
+    if engine and trainer.is_world_process_zero():
+        from qwen_sft.moe import add_expert_factors
+
+        # What save_adapter does, in place: save_adapter would replace the whole output directory.
+        add_expert_factors(trainer.accelerator.unwrap_model(trainer.model), out)
     trainer.save_state()
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))

@@ -54,6 +54,25 @@ class SFTTrainer(Trainer):
             self._aux_n += 1
         return (loss, outputs) if return_outputs else loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from qwen_sft.moe.lora import expert_engines
+
+        model = model if model is not None else self.model
+        if not expert_engines(model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Expert engine: peft's load_adapter would re-target the experts; load both halves ourselves.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from qwen_sft.moe import load_expert_adapter
+
+        state = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, {k: v for k, v in state.items() if ".mlp.experts." not in k})
+        unexpected = list(result.unexpected_keys)
+        if unexpected:
+            raise ValueError(f"{resume_from_checkpoint}: adapter tensors match nothing in the model: {unexpected[:3]}")
+        load_expert_adapter(model, resume_from_checkpoint)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             counts = torch.tensor([self._tokens, self._supervised], dtype=torch.float64, device=self.args.device)
