@@ -34,6 +34,11 @@ TORCHRUN=("$PYTHON" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" -
 
 DRY_RUN_ARGS=()
 if [ "${DRY_RUN:-0}" = 1 ]; then DRY_RUN_ARGS=(--dry_run true); fi
+# Without a visible CUDA GPU transformers refuses bf16; say so and run on the CPU (dry runs, tiny models).
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "no CUDA GPU visible: running on the CPU (--use_cpu true)"
+    DRY_RUN_ARGS+=(--use_cpu true)
+fi
 
 # wandb: a key in WANDB_API_KEY or a `wandb login` (~/.netrc) → online; otherwise offline, said out loud.
 # The key itself is never printed.
