@@ -79,8 +79,10 @@ def test_peak_rss_is_a_few_shards_not_the_model(tmp_path):
     print(f"merge of {total / 2**20:.1f} MiB in {len(shards)} shards (largest {largest / 2**20:.1f} MiB): "
           f"peak RSS +{lifted / 2**20:.1f} MiB over the imported interpreter")
     assert m["rc"] == 0 and sorted(p.name for p in out.glob("model-*.safetensors")) == [p.name for p in shards]
-    # Input shard (mmap) + output shard + adapter (~8 MiB here) + allocator slack; loading the model adds ≥ total.
-    assert lifted < total / 2
+    # Input shard (mmap) + output shard + adapter (~8 MiB here) + allocator slack + the tokenizer copied beside
+    # the output (tens of MiB, fixed; measured +41 MiB in a warm checkout, +56 MiB in a fresh clone);
+    # loading the model instead would add >= total.
+    assert lifted < total * 3 / 4
 
 
 def test_find_jobs_orders_checkpoints_numerically(tmp_path):
