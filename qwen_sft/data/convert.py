@@ -12,6 +12,7 @@ Output bytes depend only on the input bytes and options: files in sorted order, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -54,11 +55,31 @@ class FileStats:
 
 
 def reject_line(path: Path, kind: str, pos: int, err: BadRecord, raw: object) -> bytes:
-    row = {"file": str(path), kind: pos, "reason": err.reason, "detail": err.detail, "record": raw}
+    row = {"file": _printable(str(path)), kind: pos, "reason": err.reason, "detail": _printable(err.detail),
+           "record": raw}
     try:
         return orjson.dumps(row, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n"
-    except TypeError:  # e.g. a lone surrogate or an integer past 64 bits from the json fallback
-        return orjson.dumps({**row, "record": repr(raw)}) + b"\n"
+    except TypeError:  # a lone surrogate, an integer past 64 bits, nesting orjson cannot write
+        pass
+    try:
+        # ensure_ascii writes a lone surrogate as \udXXX; Python's json has no integer or depth limit of its own
+        return (json.dumps(row, ensure_ascii=True, default=str) + "\n").encode()
+    except (ValueError, TypeError, RecursionError):
+        return orjson.dumps({**row, "record": None, "record_unprintable": True}) + b"\n"
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _dump_error(exc: TypeError) -> BadRecord:
+    """Why orjson could not write a converted record, as a stable reason."""
+    text = str(exc)
+    if "Integer exceeds" in text:
+        return BadRecord("integer_out_of_range", f"an integer does not fit in 64 bits ({text})")
+    if "ecursion" in text:
+        return BadRecord("nested_too_deep", text)
+    return BadRecord("unserializable", text)
 
 
 def convert_file(
@@ -78,11 +99,13 @@ def convert_file(
                 record = build_record(messages, tools, system, notes)
             except BadRecord as bad:
                 err = bad
+            except Exception as exc:  # noqa: BLE001 - one record's surprise must not end the run: it is a reject
+                err = BadRecord("unexpected_error", f"{type(exc).__name__}: {exc}")
             else:
                 try:
                     line = dumps(record) + b"\n"
-                except TypeError as exc:  # orjson: a string with a lone surrogate cannot be UTF-8
-                    err = BadRecord("unserializable", str(exc))
+                except TypeError as exc:  # orjson: a lone surrogate, an integer past 64 bits, too deep
+                    err = _dump_error(exc)
         if err is None:
             for sink in sinks:
                 sink.write(line)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from qwen_sft.data.exactjson import loads as exact_loads
+from qwen_sft.data.exactjson import needs_exact
 from qwen_sft.data.messages import BadRecord, type_name
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".traj": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -68,22 +69,15 @@ def _raw(line: bytes) -> str:
 
 
 def parse_line(line: bytes) -> tuple[Any, BadRecord | None]:
-    """orjson first; Python's json only for what orjson refuses but is valid JSON (integers past 64 bits)."""
+    """One JSON value, exactly (exactjson: integers past 64 bits stay integers), or the reason it is not one."""
     try:
-        return orjson.loads(line), None
+        return exact_loads(line), None
     except orjson.JSONDecodeError as err:
         try:
-            text = line.decode("utf-8")
+            line.decode("utf-8")
         except UnicodeDecodeError as uerr:
             return None, BadRecord("invalid_utf8", f"byte {uerr.start}: {uerr.reason}")
-        try:
-            return json.loads(text, parse_constant=_no_constant), None
-        except (ValueError, RecursionError):
-            return None, BadRecord("invalid_json", str(err))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+        return None, BadRecord("invalid_json", str(err))
 
 
 def _as_item(pos: int, value: Any, err: BadRecord | None, raw: bytes) -> Item:
@@ -103,6 +97,8 @@ def read_jsonl(lines: Iterator[bytes], counts: dict[str, int]) -> Iterator[Item]
             counts["blank_lines"] = counts.get("blank_lines", 0) + 1
             continue
         try:
+            if needs_exact(line):  # orjson would turn an integer past 64 bits into a float
+                raise decode_error("long digit run", "", 0)
             value = loads(line)
         except decode_error:
             value, err = parse_line(line)
@@ -140,15 +136,20 @@ def _csv_rows(reader: csv.DictReader) -> Iterator[Item]:
             yield pos, row, BadRecord("csv_extra_fields", f"{len(row[None])} more fields than the header"), None
             continue
         try:
-            for v in row.values():
+            for v in (*row, *row.values()):  # the header's names too: a bad byte there spoils every row
                 if v is not None and not v.isascii():
                     v.encode("utf-8")
         except UnicodeEncodeError as uerr:
-            raw = {k: (v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if v else v)
-                   for k, v in row.items()}
-            yield pos, None, BadRecord("invalid_utf8", f"character {uerr.start}: {uerr.reason}"), raw
+            raw = {_visible(k): _visible(v) for k, v in row.items()}
+            where = "the header" if v in row else "a cell"
+            yield pos, None, BadRecord("invalid_utf8", f"{where}, character {uerr.start}: {uerr.reason}"), raw
             continue
         yield pos, row, None, None
+
+
+def _visible(v: str | None) -> str | None:
+    """A surrogate-escaped bad byte back as a visible \\xNN escape (so the rejects file can hold it)."""
+    return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if v else v
 
 
 def read_parquet(path: Path) -> Iterator[Item]:
@@ -156,9 +157,33 @@ def read_parquet(path: Path) -> Iterator[Item]:
 
     index = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield index, row, None, None
-            index += 1
+        try:
+            rows = batch.to_pylist()
+        except ValueError:  # an invalid UTF-8 cell (UnicodeDecodeError): find its row, keep the others
+            yield from _parquet_rows_one_by_one(batch, index)
+        else:
+            for row in rows:
+                yield index, row, None, None
+                index += 1
+            continue
+        index += batch.num_rows
+
+
+def _parquet_rows_one_by_one(batch: Any, first: int) -> Iterator[Item]:
+    names = batch.schema.names
+    for i in range(batch.num_rows):
+        row, bad = {}, []
+        for name, column in zip(names, batch.columns):
+            try:
+                row[name] = column[i].as_py()
+            except ValueError as err:
+                bad.append(f"column {name!r}: {type(err).__name__}: {err}")
+                row[name] = None
+        if bad:
+            yield first + i, None, BadRecord("invalid_utf8", "; ".join(bad)), {k: v for k, v in row.items()
+                                                                                if v is not None}
+        else:
+            yield first + i, row, None, None
 
 
 def read_records(path: Path, counts: dict[str, int]) -> tuple[str, Iterator[Item]]:
@@ -192,5 +217,5 @@ def _guard(items: Iterator[Item], first: int) -> Iterator[Item]:
         for item in items:
             nxt = item[0] + 1
             yield item
-    except (OSError, EOFError, zlib.error, csv.Error, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever a reader raises, the file is unreadable from here on
         yield nxt, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None

@@ -46,12 +46,12 @@ def options_from(args: argparse.Namespace) -> dict:
 
 def run(src: Path, dst: Path, args: argparse.Namespace) -> int:
     """Tokenize with readable errors (no traceback) for the problems a user can fix."""
-    from qwen_sft.tokenize.pipeline import tokenize_chatml_file
+    from qwen_sft.tokenize.pipeline import WorkerDied, tokenize_chatml_file
 
     try:
         stats = tokenize_chatml_file(src, dst, model=args.model, trust_remote_code=args.trust_remote_code,
                                      **options_from(args))
-    except (TokenizerLoadError, ValueError, OSError) as err:
+    except (TokenizerLoadError, ValueError, OSError, WorkerDied) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {stats['samples']:,} samples to {dst} (stats: {dst}.stats.json, rejects: {dst}.rejects.jsonl)",
