@@ -26,7 +26,7 @@ from typing import IO
 import orjson
 from tqdm import tqdm
 
-from qwen_sft.atomic import atomic_open
+from qwen_sft.atomic import atomic_group, atomic_open
 from qwen_sft.data.messages import BadRecord
 from qwen_sft.data.options import ConvertOptions
 from qwen_sft.data.readers import read_records
@@ -197,7 +197,9 @@ def split_lines(src: Path, n: int, train: Path, evaluation: Path, ratio: float, 
     """
     rng, need = random.Random(seed), eval_count(n, ratio)
     n_eval = 0
-    with open(src, "rb") as fh, atomic_open(train, "wb") as tr, atomic_open(evaluation, "wb") as ev:
+    # Both files are published as one unit (atomic_group): a kill never leaves a new eval beside an old train.
+    with open(src, "rb") as fh, atomic_group([train, evaluation]) as (tr_tmp, ev_tmp), \
+            open(tr_tmp, "wb") as tr, open(ev_tmp, "wb") as ev:
         for i, line in enumerate(fh):
             if rng.random() * (n - i) < need - n_eval:
                 ev.write(line)

@@ -12,8 +12,11 @@ whole, since a JSON array cannot be parsed piecewise with orjson; use JSON Lines
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,23 +43,57 @@ def file_format(path: Path) -> str | None:
     return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def find_inputs(root: Path, exclude: set[Path]) -> tuple[list[Path], list[Path]]:
-    """(inputs, skipped): a file, or every readable file under a directory in sorted relative-path order.
+def find_inputs(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(inputs, skipped with the reason): a file, or every data file under a directory in sorted relative order.
 
     Hidden files and folders (``.git``, our own ``.x.tmp`` files) and the run's own outputs are never read.
+    Dangling and looping symlinks, symlinked folders (not followed), special files (a FIFO would block the read)
+    and folders that cannot be listed are skipped with their reason, so the user sees what was not read.
     """
     if root.is_file():
-        return ([root], []) if root.resolve() not in exclude else ([], [root])
-    found, skipped = [], []
-    for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if file_format(path) is None or path.resolve() in exclude:
-            skipped.append(path)
-        else:
-            found.append(path)
-    return found, skipped
+        return ([root], []) if root.resolve() not in exclude else ([], [(root, "one of this run's outputs")])
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def unlistable(err: OSError) -> None:
+        skipped.append((Path(err.filename), f"folder cannot be listed: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if name.startswith("."):
+                dirnames.remove(name)
+            elif (base / name).is_symlink():  # os.walk does not follow it; say so instead of staying silent
+                skipped.append((base / name, "symlinked folder, not followed; give it as the input to read it"))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = base / name
+            reason = _not_readable(path)
+            if reason is None and file_format(path) is None:
+                reason = "not a data file (.jsonl .json .traj .parquet .csv .tsv, or their .gz)"
+            if reason is None and path.resolve() in exclude:
+                reason = "one of this run's outputs"
+            if reason is None:
+                found.append(path)
+            else:
+                skipped.append((path, reason))
+
+    def order(p: Path) -> str:
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix()
+
+    return sorted(found, key=order), sorted(skipped, key=lambda item: order(item[0]))
+
+
+def _not_readable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (dangling or looping link, not a regular file), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "dangling symlink" if path.is_symlink() else "vanished while listing"
+    except OSError as err:
+        return "symlink loop" if err.errno == errno.ELOOP else f"cannot stat: {err.strerror}"
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def _open(path: Path) -> BinaryIO:

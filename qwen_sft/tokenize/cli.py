@@ -56,6 +56,10 @@ def run(src: Path, dst: Path, args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {stats['samples']:,} samples to {dst} (stats: {dst}.stats.json, rejects: {dst}.rejects.jsonl)",
           file=sys.stderr)
+    if stats["samples"] == 0:  # an empty training file would only fail later, far from its cause
+        why = "the input holds no records" if stats["records_read"] == 0 else f"see {dst}.rejects.jsonl"
+        print(f"error: no sample was written: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
