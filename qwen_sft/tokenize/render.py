@@ -44,6 +44,8 @@ def _tool_call(call: Any, where: str) -> dict:
             args = json.loads(args, parse_constant=_no_constant) if args.strip() else {}
         except json.JSONDecodeError as err:
             raise RecordError("bad_tool_arguments", f"{where}.arguments is not JSON ({err.msg})") from None
+        except RecursionError:
+            raise RecordError("bad_tool_arguments", f"{where}.arguments are nested too deeply to parse") from None
     if not isinstance(args, dict):
         raise RecordError("bad_tool_arguments", f"{where}.arguments is {type(args).__name__}, expected an object")
     return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
