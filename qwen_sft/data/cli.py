@@ -113,7 +113,7 @@ class OutputPaths:
         """Resolved paths this run writes (the tokenizer's side files too), never to be read as input."""
         finals = [self.output, self.train, self.evaluation]
         chatmls = [self.chatml_of(p) for p in finals]
-        side = [Path(f"{p}{suffix}") for p in finals + chatmls for suffix in (".rejects.jsonl", ".stats.json")]
+        side = [Path(f"{p}{suffix}") for p in finals + chatmls for suffix in (".rejects.jsonl", ".stats.json", ".run.json")]
         return {p.resolve() for p in [self.rejects, *finals, *chatmls, *side]}
 
 
