@@ -13,13 +13,14 @@ hold. ``NaN`` and ``Infinity`` are not JSON and are refused by both paths. Every
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-_LONG_DIGITS = re.compile(rb"\d{19}")
-_LONG_DIGITS_STR = re.compile(r"\d{19}")
+# Every digit becomes b"1" and every other byte b"0", so a run of 19 digits is a plain substring search:
+# C speed (a 50 MB line in tens of milliseconds), where the regex \d{19} took seconds.
+_DIGIT_MAP = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
+_RUN = b"1" * 19
 
 
 def _no_constant(name: str) -> Any:
@@ -28,7 +29,9 @@ def _no_constant(name: str) -> Any:
 
 def needs_exact(data: bytes | str) -> bool:
     """True when orjson might turn an integer in ``data`` into a float."""
-    return (_LONG_DIGITS if isinstance(data, bytes) else _LONG_DIGITS_STR).search(data) is not None
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    return _RUN in data.translate(_DIGIT_MAP)
 
 
 def loads(data: bytes | str) -> Any:
