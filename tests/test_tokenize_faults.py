@@ -167,6 +167,7 @@ def test_the_output_set_is_one_runs_and_stats_json_is_reproducible(tmp_path, mon
     run(src, out)
     second = {n: (tmp_path / n).read_bytes() for n in names}
     assert second["out.jsonl.stats.json"] == first["out.jsonl.stats.json"]
+    assert second["out.jsonl.lengths.png"] == first["out.jsonl.lengths.png"]
     stats = json.loads(first["out.jsonl.stats.json"])
     assert "seconds" not in stats and "output" not in stats and stats["input"] == "in.jsonl"
     assert set(json.loads(first["out.jsonl.run.json"])) == {"input", "output", "seconds"}
