@@ -208,3 +208,23 @@ def test_convert_and_tokenize_decide_alike_on_bom_nan_and_null_content(tmp_path,
     tok = rejects(tmp_path / "tok.jsonl")
     assert [line for line, _ in conv] == [line for line, _ in tok] == [2, 3, 4]
     assert conv[1:] == tok[1:] == [(3, "empty_content"), (4, "empty_assistant")]
+
+
+def test_disk_full_and_empty_data_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    from qwen_sft.tokenize import writers
+    from qwen_sft.tokenize.cli import main as tokenize_main
+
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert tokenize_main([str(tmp_path / "empty.jsonl"), "-m", "offline", "-o", str(tmp_path / "e.jsonl"),
+                          "--no-progress"]) == 1
+    assert "error: no sample was written: the input holds no records" in capsys.readouterr().err
+
+    def full(self, blob, rows):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(writers.SampleWriter, "write_serialized", full)
+    src = write(tmp_path / "in.jsonl", [{"messages": [U, A]}])
+    assert tokenize_main([str(src), "-m", "offline", "-o", str(tmp_path / "out.jsonl"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: [Errno 28] No space left on device" in err
+    assert not list(tmp_path.glob("out.jsonl*")) and not list(tmp_path.glob(".*.tmp"))
