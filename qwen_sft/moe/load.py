@@ -29,6 +29,19 @@ from qwen_sft.moe.install import EngineReport, ExpertLoraSpec, build_engine
 _PER_EXPERT = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# qwen3_next (Qwen3-Coder-Next): the Gated DeltaNet projections and the shared expert are ordinary Linears,
+# 4-bit under QLoRA like attention. Its 1-row shared_expert_gate stays 16-bit, like the router (and like
+# BitsAndBytesConfig with llm_int8_skip_modules=["gate", ...], which skips names ending in "gate").
+LINEAR_ATTENTION_LINEARS = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+SHARED_EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def quantized_linear(module_name: str) -> bool:
+    """Whether ``quantize_attention`` stores this Linear in NF4 (attention, linear attention, shared expert)."""
+    parent, _, leaf = module_name.rpartition(".")
+    if leaf in ATTENTION_LINEARS or leaf in LINEAR_ATTENTION_LINEARS:
+        return True
+    return leaf in SHARED_EXPERT_LINEARS and parent.endswith(".shared_expert")
 
 
 def resolve_model_dir(name_or_path: str | Path, cache_dir: str | None = None) -> Path:
@@ -138,7 +151,7 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
         elif key in own:
             value = shards.get(path, key)
             module_name, _, leaf = key.rpartition(".")
-            if quantize_attention and leaf == "weight" and module_name.rsplit(".", 1)[-1] in ATTENTION_LINEARS:
+            if quantize_attention and leaf == "weight" and quantized_linear(module_name):
                 parent_name, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child,
                         _nf4_linear(value, compute_dtype, double_quant, device))

@@ -173,6 +173,8 @@ def lora_targets(model, names: list[str]) -> tuple[list[str], list[str]]:
     for name in names:
         if name in linear:
             modules.append(name)
+            if name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
+                params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")  # qwen3_next: shared expert + routed
         elif name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
             params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")
         elif name in fused:
@@ -192,6 +194,13 @@ def lora_settings(cfg: dict) -> tuple[int, float, float, dict, dict]:
         rank_pattern.setdefault("gate_up_proj", 2 * r)
         alpha_pattern.setdefault("gate_up_proj", 2 * alpha)
     return r, alpha, dropout, rank_pattern, alpha_pattern
+
+
+def shared_expert_targets(model, names: list[str]) -> list[str]:
+    """qwen3_next: the adapter's gate_proj/up_proj/down_proj also name the shared expert's Linears. The engine
+    carries the routed experts' LoRA, so peft gets them as ``shared_expert.<name>`` (a suffix match)."""
+    shared = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if ".mlp.shared_expert." in n}
+    return [f"shared_expert.{n}" for n in names if n in EXPERT_NAME_MAP and n in shared]
 
 
 def has_expert_engine(model) -> bool:
@@ -215,6 +224,7 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
 
         # The engine already carries the expert LoRA; peft gets the attention (and other Linear) targets only.
         modules = [m for m in modules if m not in EXPERT_NAME_MAP and m not in EXPERT_PARAMS]
+        modules += shared_expert_targets(model, cfg.get("target_modules") or [])
         params = []
     if model_args.use_qlora or gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or the frozen base cuts the graph.
@@ -257,7 +267,7 @@ def freeze_router(model, train_router: bool) -> None:
 
 
 def parameter_group(name: str) -> str:
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".linear_attn." in name:  # linear_attn: qwen3_next's Gated DeltaNet
         return "attention"
     if ".mlp.experts." in name or ".mlp.experts" in name.rsplit(".", 2)[0]:
         return "experts"
