@@ -41,6 +41,25 @@ def expert_memory_gib(config, bits: float = 16.0) -> float:
     return len(moe_layers) * per_layer * bits / 8 / 2**30
 
 
+def linear_attention_layers(config) -> list[int]:
+    """Layers whose token mixer is linear attention (qwen3_next's Gated DeltaNet); empty for qwen3_moe."""
+    return [i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "linear_attention"]
+
+
+def resolve_packing(config, packing: bool) -> bool:
+    """Packing off for models with linear-attention layers: their recurrent state and short causal conv run
+    straight across the samples of a packed row. transformers' torch fallbacks (causal_conv1d_fn,
+    torch_chunk_gated_delta_rule) ignore position_ids and cu_seqlens, so packed != unpacked there
+    (tests/test_next_packing.py); right-padding is exact (padded positions are zeroed and come last)."""
+    layers = linear_attention_layers(config)
+    if packing and layers:
+        log(f"packing=False (was True): {getattr(config, 'model_type', '?')} has {len(layers)} linear-attention "
+            f"(Gated DeltaNet) layers whose state would flow from one packed sample into the next; batches are "
+            f"padded to the longest sample instead")
+        return False
+    return packing
+
+
 def _size(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.2f} MiB"
 

@@ -24,6 +24,7 @@ from qwen_sft.train.model import (
     log,
     parameter_groups,
     read_lora_config,
+    resolve_packing,
 )
 
 
@@ -120,6 +121,7 @@ def run(config: Config) -> dict:
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir,
                                               trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
+    d.packing = resolve_packing(model_config, d.packing)  # off for linear-attention models (qwen3_next)
     if m.use_peft:
         read_lora_config(m.peft_config_path)
     if m.use_peft and t.gradient_checkpointing is None:
