@@ -256,7 +256,10 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
         # peft checks rank/alpha patterns against target_modules only and calls the gate_up_proj entry unused;
         # the fused parameter does get rank 2r (tests/test_train_model.py checks the adapter shapes).
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
-        peft_model = get_peft_model(model, lora)
+        from qwen_sft.moe.peft_targets import peft_targets_as_named
+
+        with peft_targets_as_named(model):  # qwen3_next: keep the shared expert's LoRA (see that module)
+            peft_model = get_peft_model(model, lora)
     if engine:
         from qwen_sft.moe import enable_expert_lora
 
