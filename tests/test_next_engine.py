@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from qwen_sft.model.tiny import TinySpec, build_tiny_model, make_tiny_model
+from qwen_sft.model.tiny import TinySpec, build_tiny_model
 from qwen_sft.moe import DenseExperts, ExpertEngine, ExpertLoraSpec, NF4Experts, install_expert_engine, load_moe_model
 from qwen_sft.moe.load import quantized_linear
 
@@ -143,7 +143,15 @@ def test_whole_model_with_engine_matches_stock_outputs_and_gradients():
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("next") / "m", SPEC)
+    """Through the CLI: `qwen-sft make-tiny-model DIR --model_type qwen3_next` gives SPEC by default."""
+    import json
+
+    from qwen_sft.model.tiny import main
+
+    out = tmp_path_factory.mktemp("next") / "m"
+    assert main([str(out), "--model_type", "qwen3_next"]) == 0
+    assert json.loads((out / "tiny_spec.json").read_text()) == SPEC.__dict__
+    return out
 
 
 def test_qlora_loader_matches_bitsandbytes_and_quantizes_shared_expert(next_dir):
