@@ -69,3 +69,17 @@ def test_every_real_sample_equals_the_template_tokenized_in_one_pass(chatml, tmp
             assert ids[start - 2 : start][0] == ASSISTANT or ids[start - 1] == ASSISTANT
         checked_tools += any("tool_calls" in m for m in messages)
     assert checked_tools > 150  # glaive, reason_tool_use, SWE-agent and functionary conversations were checked
+
+
+def test_offline_gives_the_released_ids_on_every_real_conversation(chatml, spec_tok, tmp_path):
+    """`-m offline` (no ../shared needed) == the released tokenizer + official template, all 768 conversations."""
+    records = [json.loads(line) for line in chatml.read_text(encoding="utf-8").splitlines()]
+    stats = tokenize_chatml_file(chatml, tmp_path / "off.arrow", model="offline", max_len=65536, progress=False)
+    assert stats["samples"] == len(records) == 768
+    with_tools = 0
+    for record, (ids, _) in zip(records, iter_samples(tmp_path / "off.arrow"), strict=True):
+        messages, tools = normalize_record(record, ())
+        text = spec_tok.apply_chat_template(messages, tools=tools, tokenize=False)
+        assert ids == spec_tok(text, add_special_tokens=False).input_ids, record["messages"][0]
+        with_tools += bool(tools)
+    assert with_tools >= 240  # every conversation that differed before had tools
