@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
-
-import pytest
 
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
 from qwen_sft.tokenize.render import normalize_record

@@ -25,6 +25,7 @@ import orjson
 
 from qwen_sft.atomic import atomic_open
 from qwen_sft.tokenize import stats as stats_mod
+from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
 from qwen_sft.tokenize.labels import IGNORE_INDEX, POLICIES, Policy
 from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
@@ -187,6 +188,7 @@ def tokenize_chatml_file(
     _WORKER.verify(_first_records(src, opts.verify_records))
     # Recorded so a reader of stats.json knows which path produced the ids (both are verified identical).
     engines = {"encoder": _WORKER.encoder.name, "renderer": _WORKER.renderer.name}
+    fingerprint = tokenizer_fingerprint(_WORKER.tok)  # training refuses data made with another template
     stats = stats_mod.RunStats()
     rejects_path = dst.with_name(dst.name + ".rejects.jsonl")
     bar = _progress_bar(src, opts.progress)
@@ -214,7 +216,7 @@ def tokenize_chatml_file(
     stats.check()
     seconds = time.perf_counter() - t0
     context = {"input": str(src), "output": str(dst), "options": asdict(opts), "engines": engines,
-               "seconds": round(seconds, 3)}
+               "tokenizer": fingerprint, "seconds": round(seconds, 3)}
     stats_mod.save(stats, dst, opts.max_len, **context)
     print(stats.summary(), file=sys.stderr)
     return stats.to_dict(max_len=opts.max_len, **context)
