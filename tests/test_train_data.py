@@ -167,3 +167,24 @@ def test_vocabulary_mismatch_is_refused(tmp_path):
     src = _tokenized_with_stats(tmp_path, {**FP, "vocab_sha256": "d" * 64})
     with pytest.raises(DataError, match="made with another vocabulary"):
         load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "c", tokenizer=FP)
+
+
+def test_problems_in_a_later_batch_name_the_global_row(tmp_path):
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.list_(pa.int32()))])
+    batches = [[([1, 2], [-100, 2])] * 3, [([1, 2], [-100, 2]), ([1, 200], [-100, 200]), ([3, 4], [-100, -100])]]
+    with pa.ipc.new_file(str(tmp_path / "t.arrow"), schema) as writer:
+        for rows in batches:
+            writer.write_batch(pa.record_batch([pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+                                                pa.array([r[1] for r in rows], pa.list_(pa.int32()))], schema=schema))
+    with pytest.raises(DataError) as err:
+        load_tokenized(tmp_path / "t.arrow", vocab_size=100, max_len=8, cache_dir=tmp_path / "c")
+    assert "ids beyond the vocabulary (1):\n    row 5: id 200" in str(err.value)
+    assert "no supervised token (1):\n    row 6" in str(err.value)
+    ok = tmp_path / "ok.arrow"
+    with pa.ipc.new_file(str(ok), schema) as writer:
+        for rows in ([([1, 2], [-100, 2])], [([5, 6, 7], [-100, 6, 7])] * 2):
+            writer.write_batch(pa.record_batch([pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+                                                pa.array([r[1] for r in rows], pa.list_(pa.int32()))], schema=schema))
+    ds = load_tokenized(ok, vocab_size=100, max_len=8, cache_dir=tmp_path / "c")
+    assert [ds[i]["input_ids"] for i in range(len(ds))] == [[1, 2], [5, 6, 7], [5, 6, 7]]
+    assert ds.lengths().tolist() == [2, 3, 3] and ds.stats.supervised_tokens == 1 + 2 + 2
