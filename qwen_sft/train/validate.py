@@ -143,7 +143,7 @@ def coerce_one(tp, value: object) -> object:
     if not _is_union(tp):
         return _one(tp, value)
     arms = [a for a in typing.get_args(tp) if a is not type(None)]
-    if type(None) in typing.get_args(tp) and (value is None or value in ("None", "none", "null")):
+    if type(None) in typing.get_args(tp) and (value is None or value == "None"):
         return None
     enums = [a for a in arms if isinstance(a, type) and issubclass(a, enum.Enum)]
     if enums:  # `SchedulerType | str`: the str arm only means "the enum's value as text", as train.py's flags do
