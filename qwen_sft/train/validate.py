@@ -238,12 +238,12 @@ def _data_problems(v: Mapping[str, object]) -> list[str]:
 
 
 @functools.cache
-def _meta_names(model_dir: str, trust_remote_code: bool) -> tuple[frozenset[str], frozenset[str]]:
+def _meta_names(source: str, cache_dir: str | None, trust_remote_code: bool) -> tuple[frozenset[str], frozenset[str]]:
     """Module and parameter names of the model built from its config on the meta device: no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(source, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return frozenset(n for n, _ in model.named_modules() if n), frozenset(n for n, _ in model.named_parameters())
@@ -303,10 +303,8 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
         problems.append(f"expert_engine=True stores the experts in NF4 only, got bnb_4bit_quant_type="
                         f"{v['bnb_4bit_quant_type']}: use nf4, or --expert_engine false")
     if lora is not None:
-        local = str(found.directory) if found.directory else None
-        if local:
-            modules, params = _meta_names(local, bool(v["trust_remote_code"]))
-            problems.extend(target_problems(lora, modules, params, f"peft_config_path={v['peft_config_path']}"))
+        modules, params = _meta_names(source, v["cache_dir"], bool(v["trust_remote_code"]))
+        problems.extend(target_problems(lora, modules, params, f"peft_config_path={v['peft_config_path']}"))
     return {"download": found.download, "engine": engine, "deepspeed_stage": stage}
 
 
