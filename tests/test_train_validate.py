@@ -249,3 +249,12 @@ def test_weights_missing_online_are_downloaded_before_loading(tiny_model_dir, tm
     with pytest.raises(ConfigError, match=rf"could not download {MODEL_ID} \(ConnectionError: Failed to resolve "
                                           rf"'huggingface.co'\); download it by hand: hf download {MODEL_ID} "):
         download.download_model(MODEL_ID, str(hub))
+
+
+def test_dataclasses_built_in_python_parse_the_same_way():
+    from qwen_sft.train.args import DataArguments, ModelArguments
+
+    args = ModelArguments(use_qlora="false", router_aux_loss_coef="0.01")
+    assert args.use_qlora is False and args.use_peft is False and args.router_aux_loss_coef == 0.01
+    with pytest.raises(ConfigError, match="strict=True.*truncate_source=True"):
+        DataArguments(strict="yes", truncate_source=True)

@@ -106,14 +106,18 @@ class DataArguments:
 
 
 def _reject_conflicts(args: object) -> None:
-    """Built directly in Python: the same checks as the validation pass, on this dataclass's own options."""
+    """Built directly in Python: the same checks as the validation pass, on this dataclass's own options, and
+    the values parsed the same strict way (``use_qlora="false"`` becomes False, not a truthy string)."""
     import dataclasses
 
-    from qwen_sft.train.validate import ConfigError, find_problems
+    from qwen_sft.train.validate import ConfigError, coerce, find_problems
 
-    problems = find_problems(dataclasses.asdict(args), io=False)
+    values = dataclasses.asdict(args)
+    problems = find_problems(values, io=False)
     if problems:
         raise ConfigError(problems)
+    for key, value in coerce(values)[0].items():
+        setattr(args, key, value)
 
 
 @dataclass

@@ -272,7 +272,7 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     """Model config, weights present, engine constraints and LoRA targets. Returns what later steps need."""
     from transformers import AutoConfig
 
-    from qwen_sft.train.download import locate_model
+    from qwen_sft.train.download import download_command, is_hub_id, locate_model
     from qwen_sft.train.model import read_lora_config
 
     found = locate_model(v["model_name_or_path"], v["cache_dir"])
@@ -291,8 +291,11 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     try:
         config = AutoConfig.from_pretrained(source, cache_dir=v["cache_dir"], trust_remote_code=v["trust_remote_code"])
     except (OSError, ValueError) as exc:
+        hint = ""
+        if is_hub_id(v["model_name_or_path"]):  # e.g. no network: say how to fetch it by hand
+            hint = f"; download it first: {download_command(v['model_name_or_path'], v['cache_dir'])}"
         problems.append(f"model_name_or_path={v['model_name_or_path']}: cannot read its config "
-                        f"({str(exc).splitlines()[0][:200]})")
+                        f"({str(exc).splitlines()[0][:200]}){hint}")
         return {"download": found.download}
     engine = bool((v["use_peft"] or v["use_qlora"]) and v["expert_engine"] and getattr(config, "num_experts", 0))
     if engine and stage == 3:
@@ -303,8 +306,13 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
         problems.append(f"expert_engine=True stores the experts in NF4 only, got bnb_4bit_quant_type="
                         f"{v['bnb_4bit_quant_type']}: use nf4, or --expert_engine false")
     if lora is not None:
-        modules, params = _meta_names(source, v["cache_dir"], bool(v["trust_remote_code"]))
-        problems.extend(target_problems(lora, modules, params, f"peft_config_path={v['peft_config_path']}"))
+        try:
+            modules, params = _meta_names(source, v["cache_dir"], bool(v["trust_remote_code"]))
+        except Exception as exc:  # noqa: BLE001 - any failure to build the skeleton is reported, not raised
+            problems.append(f"model_name_or_path={v['model_name_or_path']}: cannot build the model from its config "
+                            f"to check the LoRA targets ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        else:
+            problems.extend(target_problems(lora, modules, params, f"peft_config_path={v['peft_config_path']}"))
     return {"download": found.download, "engine": engine, "deepspeed_stage": stage}
 
 
