@@ -184,10 +184,7 @@ def with_defaults(values: Mapping[str, object]) -> dict[str, object]:
 
 
 def _range_problems(v: Mapping[str, object]) -> list[str]:
-    out = []
-    for key in ("learning_rate",):
-        if v[key] <= 0:
-            out.append(f"{key}={v[key]}: must be > 0")
+    out = [f"learning_rate={v['learning_rate']}: must be > 0"] if v["learning_rate"] <= 0 else []
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if v[key] < 1:
             out.append(f"{key}={v[key]}: must be >= 1")
