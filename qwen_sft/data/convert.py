@@ -46,6 +46,7 @@ class FileStats:
     written: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     notes: Counter = field(default_factory=Counter)  # dropped reasoning, trailing turns, ... -> count
+    unread: Counter = field(default_factory=Counter)  # keys of written records no shape read -> count
     blank_lines: int = 0
 
     @property
@@ -70,11 +71,12 @@ def convert_file(
     kind, items = read_records(path, counts)
     notes, system, dumps = stats.notes, opts.system, orjson.dumps
     pending = 0
+    unread: Counter = Counter()  # this record's; added to the file's only when the record is written
     for pos, value, err, raw in items:
         stats.read += 1
         if err is None:
             try:
-                messages, tools = to_messages(value, notes, opts)
+                messages, tools = to_messages(value, notes, opts, unread)
                 record = build_record(messages, tools, system, notes)
             except BadRecord as bad:
                 err = bad
@@ -87,12 +89,16 @@ def convert_file(
             for sink in sinks:
                 sink.write(line)
             stats.written += 1
+            if unread:
+                stats.unread.update(unread)
         else:
             if opts.strict:
                 raise StrictError(f"{path}:{kind} {pos}: {err.reason}: {err.detail}")
             stats.rejected[err.reason] += 1
             if rejects is not None:
                 rejects.write(reject_line(path, kind, pos, err, raw if value is None else value))
+        if unread:
+            unread.clear()
         pending += 1
         if bar is not None and pending >= PROGRESS_EVERY:
             bar.update(pending)
