@@ -21,7 +21,8 @@ from qwen_sft.data.validate import build_record
 def convert(rec: dict, unread: Counter | None = None, **opts) -> dict:
     notes: Counter = Counter()
     options = ConvertOptions(**opts)
-    messages, tools = to_messages(rec, notes, options, Counter() if unread is None else unread)
+    args = () if unread is None else (unread,)
+    messages, tools = to_messages(rec, notes, options, *args)
     return build_record(messages, tools, options.system, notes)
 
 
@@ -123,11 +124,12 @@ def test_unread_keys_per_record_key_and_per_message_key():
         {"role": "user", "content": "Q", "name": "bob"},
         {"role": "assistant", "content": "A", "reasoning_content": "r", "metadata": {"masked": False, "src": "x"}},
         {"role": "user", "content": [{"type": "text", "text": "Q2", "cache_control": {}}]},
-        m("assistant", "A2")]}
+        {"role": "assistant", "content": "A2", "metadata": "free text"}]}
     unread: Counter = Counter()
     convert(rec, unread)
     assert unread == Counter({"id": 1, "images": 1, "messages[].name": 1, "messages[].reasoning_content": 1,
-                              "messages[].metadata.src": 1, "messages[].content[].cache_control": 1})
+                              "messages[].metadata.src": 1, "messages[].content[].cache_control": 1,
+                              "messages[].metadata": 1})
 
 
 @pytest.mark.parametrize(("rec", "expected"), [

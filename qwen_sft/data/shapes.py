@@ -53,11 +53,11 @@ def count_unread(obj: dict, read: frozenset[str] | set[str], prefix: str, unread
     for key in obj:
         if key not in read:
             unread[f"{prefix}{key}"] += 1
-    meta = obj.get("metadata")
-    if "metadata" in read and isinstance(meta, dict):  # only metadata.masked is a loss control
-        for key in meta:
+    if "metadata" in read and "metadata" in obj:  # only metadata.masked is read (a loss control)
+        meta = obj["metadata"]
+        for key in meta if isinstance(meta, dict) else [None]:
             if key != "masked":
-                unread[f"{prefix}metadata.{key}"] += 1
+                unread[f"{prefix}metadata" + ("" if key is None else f".{key}")] += 1
 
 
 def _text(rec: dict, key: str) -> str:
