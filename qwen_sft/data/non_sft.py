@@ -11,6 +11,7 @@ from qwen_sft.data.messages import BadRecord
 
 _CHOSEN_HINT = ("to train on the chosen answers only, convert with --map user=prompt --map assistant=chosen "
                 "(or --map messages=chosen when chosen is a message list)")
+NON_SFT_KEYS = frozenset(("chosen", "rejected_response", "kto_tag", "label"))  # a record without any is not checked
 
 
 def reject_non_sft(rec: dict) -> None:

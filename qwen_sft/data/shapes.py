@@ -32,7 +32,7 @@ from qwen_sft.data.messages import (
     preview,
     type_name,
 )
-from qwen_sft.data.non_sft import reject_non_sft
+from qwen_sft.data.non_sft import NON_SFT_KEYS, reject_non_sft
 from qwen_sft.data.options import ConvertOptions, FieldMap
 
 Converted = tuple[list[dict], list[dict]]  # (messages, tools)
@@ -46,10 +46,17 @@ SWIFT_ROLES = ("tool_call", "tool_response")  # ms-swift agent messages: an assi
 MESSAGE_KEYS = frozenset(("role", "content", "tool_calls", "function_call", "tool_call_id", "tool_call_ids")) | LOSS_KEYS
 TURN_KEYS = frozenset(("from", "value", "role", "content")) | LOSS_KEYS
 PART_KEYS = frozenset(("type", "text", "value", "tool_call")) | LOSS_KEYS
+READ_MESSAGES, READ_SHAREGPT = frozenset(("messages", "tools")), frozenset(("conversations", "system", "tools"))
+READ_SELF_INSTRUCT, READ_INSTANCE = frozenset(("instruction", "instances")), frozenset(("input", "output"))
+READ_ALPACA = {a: frozenset(("instruction", "input", a, "system", "history")) for a in ("output", "response")}
+READ_HISTORY = frozenset(("history", "tools"))
+READ_PAIR = {pair: frozenset((*pair, "system", "history")) for pair in PAIRS}
 
 
-def count_unread(obj: dict, read: frozenset[str] | set[str], prefix: str, unread: Counter) -> None:
-    """Count each key of ``obj`` that no shape reads, as ``prefix + key`` (``messages[].name``)."""
+def count_unread(obj: dict, read: frozenset[str], prefix: str, unread: Counter | None) -> None:
+    """Count each key of ``obj`` that no shape reads, as ``prefix + key`` (``messages[].name``); None counts nothing."""
+    if unread is None or (read.issuperset(obj) and "metadata" not in obj):  # the common case, checked in C
+        return
     for key in obj:
         if key not in read:
             unread[f"{prefix}{key}"] += 1
@@ -73,7 +80,6 @@ def from_messages(rec: dict, key: str, notes: Counter, opts: ConvertOptions, unr
     ms-swift's agent roles are read too: a ``tool_call`` message (its content a JSON call) joins the assistant
     message before it, or becomes one; ``tool_response`` is a tool message.
     """
-    unread = Counter() if unread is None else unread
     raw = maybe_json(rec[key], key)
     if not isinstance(raw, list):
         raise BadRecord("wrong_type", f"{key!r} is {type_name(raw)}, expected a list of messages")
@@ -116,19 +122,19 @@ def _swift_tool_call(i: int, m: dict, messages: list[dict], notes: Counter, opts
 
 
 def _message(
-    i: int, m: dict, role: Any, content: Any, notes: Counter, opts: ConvertOptions, unread: Counter, prefix: str
+    i: int, m: dict, role: Any, content: Any, notes: Counter, opts: ConvertOptions, unread: Counter | None, prefix: str
 ) -> dict:
     if role not in ROLES:
         known = ", ".join(ROLES + SWIFT_ROLES)
         raise BadRecord("unknown_role", f"message {i} has role {preview(role)}; known roles: {known}")
     calls: list[dict] = []
     try:
-        flag = loss_flag(m)
+        flag = None if LOSS_KEYS.isdisjoint(m) else loss_flag(m)
         if isinstance(content, list):
             parts = [p for p in content if isinstance(p, dict)]
             for part in parts:
                 count_unread(part, PART_KEYS, f"{prefix}content[].", unread)
-            flag = combine_part_flags(flag, [loss_flag(p) for p in parts])
+            flag = combine_part_flags(flag, [None if LOSS_KEYS.isdisjoint(p) else loss_flag(p) for p in parts])
             content, calls = content_from_parts(content, role, notes, opts.reasoning, opts.wrap_raw_arguments)
         elif content is None:
             content = ""  # content: null is how OpenAI writes a pure tool call; validation rejects it elsewhere
@@ -161,16 +167,16 @@ def from_sharegpt(
     rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: Counter | None = None
 ) -> Converted:
     """ShareGPT ``conversations`` of ``{from, value}``; ``function_call`` turns become assistant tool calls."""
-    unread = Counter() if unread is None else unread
     turns = maybe_json(rec[key], key)
     if not isinstance(turns, list):
         raise BadRecord("wrong_type", f"{key!r} is {type_name(turns)}, expected a list of turns")
     messages: list[dict] = []
+    prefix = f"{key}[]."
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRecord("wrong_type", f"turn {i} is {type_name(turn)}, expected an object")
         if len(turn) > 2:
-            count_unread(turn, TURN_KEYS, f"{key}[].", unread)
+            count_unread(turn, TURN_KEYS, prefix, unread)
         source, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
         role = SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
         if role is None:
@@ -178,7 +184,7 @@ def from_sharegpt(
         if not isinstance(value, str):
             raise BadRecord("wrong_type", f"turn {i} ({source}): value is {type_name(value)}, expected a string")
         try:
-            flag = loss_flag(turn) if len(turn) > 2 else None
+            flag = None if LOSS_KEYS.isdisjoint(turn) else loss_flag(turn)
             if role == "function_call":
                 msg = {"role": "assistant", "content": "",
                        "tool_calls": calls_from_value(value, notes, opts.wrap_raw_arguments)}
@@ -291,32 +297,34 @@ def to_messages(rec: dict, notes: Counter, opts: ConvertOptions, unread: Counter
 
     ``unread`` counts the record keys (``images``) and message keys (``messages[].name``) the shape did not read.
     """
-    unread = Counter() if unread is None else unread
     if opts.field_map is not None:
         count_unread(rec, opts.field_map.roots(), "", unread)
         return from_field_map(rec, opts.field_map, notes, opts, unread)
-    reject_non_sft(rec)
-    for key, convert in (("messages", from_messages), ("conversations", from_sharegpt)):
-        if key in rec:
-            count_unread(rec, {key, "tools"} | ({"system"} if key == "conversations" else set()), "", unread)
-            return convert(rec, key, notes, opts, unread)
+    if not NON_SFT_KEYS.isdisjoint(rec):
+        reject_non_sft(rec)
+    if "messages" in rec:
+        count_unread(rec, READ_MESSAGES, "", unread)
+        return from_messages(rec, "messages", notes, opts, unread)
+    if "conversations" in rec:
+        count_unread(rec, READ_SHAREGPT, "", unread)
+        return from_sharegpt(rec, "conversations", notes, opts, unread)
     if "instruction" in rec:
         if "instances" in rec and "output" not in rec:
-            count_unread(rec, {"instruction", "instances"}, "", unread)
+            count_unread(rec, READ_SELF_INSTRUCT, "", unread)
             instances = rec["instances"]
             if isinstance(instances, list) and instances and isinstance(instances[0], dict):
-                count_unread(instances[0], {"input", "output"}, "instances[].", unread)
+                count_unread(instances[0], READ_INSTANCE, "instances[].", unread)
             return from_self_instruct(rec, notes, opts)
         for answer in ("output", "response"):
             if answer in rec:
-                count_unread(rec, {"instruction", "input", answer, "system", "history"}, "", unread)
+                count_unread(rec, READ_ALPACA[answer], "", unread)
                 return from_alpaca(rec, answer, notes, opts)
-    pair = next(((u, a) for u, a in PAIRS if u in rec and a in rec), None)
-    if pair is not None:
-        count_unread(rec, {*pair, "system", "history"}, "", unread)
-        return from_pair(rec, *pair)
+    for user_key, assistant_key in PAIRS:
+        if user_key in rec and assistant_key in rec:
+            count_unread(rec, READ_PAIR[user_key, assistant_key], "", unread)
+            return from_pair(rec, user_key, assistant_key)
     if isinstance(rec.get("history"), list):
-        count_unread(rec, {"history", "tools"}, "", unread)
+        count_unread(rec, READ_HISTORY, "", unread)
         return from_messages(rec, "history", notes, opts, unread)
     keys = ", ".join(sorted(map(str, rec))[:12]) or "none"
     raise BadRecord("unknown_shape", f"no known shape for keys [{keys}]; pass --map user=PATH --map assistant=PATH")

@@ -28,8 +28,11 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
         raise BadRecord("no_messages", "the conversation is empty")
     last_assistant = -1
     after_call = False  # the previous message was an assistant tool call or a tool result
+    flagged = False  # some message carries a loss flag
     for i, m in enumerate(messages):
         role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
+        if "loss" in m:
+            flagged = True
         if not isinstance(content, str):
             raise BadRecord("wrong_type", f"message {i} ({role}): content is {type_name(content)}")
         if role == "assistant":
@@ -53,8 +56,10 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
         after_call = False
     if last_assistant < 0:
         raise BadRecord("no_assistant_turn", "no assistant message with text or tool calls")
-    _check_loss_flags(messages)
-    keep = max(last_assistant, max((i for i, m in enumerate(messages) if m.get("loss") is True), default=-1))
+    keep = last_assistant
+    if flagged:
+        _check_loss_flags(messages)
+        keep = max(keep, max((i for i, m in enumerate(messages) if m.get("loss") is True), default=-1))
     if keep < len(messages) - 1:
         notes["trailing_turns_dropped"] += len(messages) - 1 - keep
         messages = messages[: keep + 1]
@@ -63,8 +68,6 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
 
 def _check_loss_flags(messages: list[dict]) -> None:
     flags = [m.get("loss") for m in messages]
-    if not any(f is not None for f in flags):
-        return
     if True not in flags and all(f is False for m, f in zip(messages, flags) if m["role"] == "assistant"):
         raise BadRecord("nothing_supervised", "every assistant message has loss false: nothing would be trained")
     for i in range(1, len(messages)):
