@@ -71,7 +71,7 @@ def convert_file(
     kind, items = read_records(path, counts)
     notes, system, dumps = stats.notes, opts.system, orjson.dumps
     pending = 0
-    unread: Counter = Counter()  # this record's; added to the file's only when the record is written
+    unread: list[str] = []  # this record's unread keys; counted for the file only when the record is written
     for pos, value, err, raw in items:
         stats.read += 1
         if err is None:

@@ -53,18 +53,17 @@ READ_HISTORY = frozenset(("history", "tools"))
 READ_PAIR = {pair: frozenset((*pair, "system", "history")) for pair in PAIRS}
 
 
-def count_unread(obj: dict, read: frozenset[str], prefix: str, unread: Counter | None) -> None:
-    """Count each key of ``obj`` that no shape reads, as ``prefix + key`` (``messages[].name``); None counts nothing."""
+def count_unread(obj: dict, read: frozenset[str], prefix: str, unread: list[str] | None) -> None:
+    """Append each key of ``obj`` that no shape reads, as ``prefix + key`` (``messages[].name``); None: not asked."""
     if unread is None or (read.issuperset(obj) and "metadata" not in obj):  # the common case, checked in C
         return
-    for key in obj:
-        if key not in read:
-            unread[f"{prefix}{key}"] += 1
+    unread.extend([prefix + key for key in obj if key not in read])
     if "metadata" in read and "metadata" in obj:  # only metadata.masked is read (a loss control)
         meta = obj["metadata"]
-        for key in meta if isinstance(meta, dict) else [None]:
-            if key != "masked":
-                unread[f"{prefix}metadata" + ("" if key is None else f".{key}")] += 1
+        if isinstance(meta, dict):
+            unread.extend([f"{prefix}metadata.{key}" for key in meta if key != "masked"])
+        else:
+            unread.append(f"{prefix}metadata")
 
 
 def _text(rec: dict, key: str) -> str:
@@ -74,7 +73,7 @@ def _text(rec: dict, key: str) -> str:
     return value
 
 
-def from_messages(rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: Counter | None = None) -> Converted:
+def from_messages(rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: list[str] | None = None) -> Converted:
     """OpenAI chat: roles system/user/assistant/tool, ``tool_calls``, ``content`` null, a string or typed parts.
 
     ms-swift's agent roles are read too: a ``tool_call`` message (its content a JSON call) joins the assistant
@@ -122,7 +121,7 @@ def _swift_tool_call(i: int, m: dict, messages: list[dict], notes: Counter, opts
 
 
 def _message(
-    i: int, m: dict, role: Any, content: Any, notes: Counter, opts: ConvertOptions, unread: Counter | None, prefix: str
+    i: int, m: dict, role: Any, content: Any, notes: Counter, opts: ConvertOptions, unread: list[str] | None, prefix: str
 ) -> dict:
     if role not in ROLES:
         known = ", ".join(ROLES + SWIFT_ROLES)
@@ -164,7 +163,7 @@ def _message(
 
 
 def from_sharegpt(
-    rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: Counter | None = None
+    rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: list[str] | None = None
 ) -> Converted:
     """ShareGPT ``conversations`` of ``{from, value}``; ``function_call`` turns become assistant tool calls."""
     turns = maybe_json(rec[key], key)
@@ -266,7 +265,7 @@ def resolve(rec: Any, path: tuple[str, ...]) -> Any:
 
 
 def from_field_map(
-    rec: dict, fmap: FieldMap, notes: Counter, opts: ConvertOptions, unread: Counter | None = None
+    rec: dict, fmap: FieldMap, notes: Counter, opts: ConvertOptions, unread: list[str] | None = None
 ) -> Converted:
     """``--map``: a nested messages/conversations list, or system/user/assistant texts (repeats: blank-line joined)."""
     for target, convert in (("messages", from_messages), ("conversations", from_sharegpt)):
@@ -292,10 +291,11 @@ def from_field_map(
     return messages, tools
 
 
-def to_messages(rec: dict, notes: Counter, opts: ConvertOptions, unread: Counter | None = None) -> Converted:
+def to_messages(rec: dict, notes: Counter, opts: ConvertOptions, unread: list[str] | None = None) -> Converted:
     """Convert one record by its shape, detected from its keys in the documented precedence.
 
-    ``unread`` counts the record keys (``images``) and message keys (``messages[].name``) the shape did not read.
+    ``unread`` receives the record keys (``images``) and message keys (``messages[].name``) the shape did not read,
+    one entry per occurrence.
     """
     if opts.field_map is not None:
         count_unread(rec, opts.field_map.roots(), "", unread)
