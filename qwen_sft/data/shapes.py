@@ -174,23 +174,28 @@ def from_sharegpt(
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRecord("wrong_type", f"turn {i} is {type_name(turn)}, expected an object")
-        if len(turn) > 2:
+        flag = None
+        if len(turn) > 2:  # from/value alone: nothing else to read
             count_unread(turn, TURN_KEYS, prefix, unread)
+            if not LOSS_KEYS.isdisjoint(turn):
+                try:
+                    flag = loss_flag(turn)
+                except BadRecord as err:
+                    raise BadRecord(err.reason, f"turn {i}: {err.detail}") from None
         source, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
         role = SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
         if role is None:
             raise BadRecord("unknown_role", f"turn {i} has from={preview(source)}; known: {', '.join(SHAREGPT_ROLES)}")
         if not isinstance(value, str):
             raise BadRecord("wrong_type", f"turn {i} ({source}): value is {type_name(value)}, expected a string")
-        try:
-            flag = None if LOSS_KEYS.isdisjoint(turn) else loss_flag(turn)
-            if role == "function_call":
-                msg = {"role": "assistant", "content": "",
-                       "tool_calls": calls_from_value(value, notes, opts.wrap_raw_arguments)}
-            else:
-                msg = {"role": role, "content": value}
-        except BadRecord as err:
-            raise BadRecord(err.reason, f"turn {i} ({source}): {err.detail}") from None
+        if role == "function_call":
+            try:
+                calls = calls_from_value(value, notes, opts.wrap_raw_arguments)
+            except BadRecord as err:
+                raise BadRecord(err.reason, f"turn {i} (function_call): {err.detail}") from None
+            msg = {"role": "assistant", "content": "", "tool_calls": calls}
+        else:
+            msg = {"role": role, "content": value}
         if flag is not None:
             msg["loss"] = flag
         messages.append(msg)
@@ -228,7 +233,7 @@ def from_alpaca(rec: dict, answer_key: str, notes: Counter, opts: ConvertOptions
         raise BadRecord("wrong_type", f"'input' is {type_name(extra)}, expected a string")
     if extra and not extra.isspace():
         user = f"{user}\n\n{extra}"
-    messages = _system_and_history(rec)
+    messages = _system_and_history(rec) if "system" in rec or "history" in rec else []
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec, answer_key)}]
     return messages, []
 
@@ -247,8 +252,10 @@ def from_self_instruct(rec: dict, notes: Counter, opts: ConvertOptions) -> Conve
 
 def from_pair(rec: dict, user_key: str, assistant_key: str) -> Converted:
     """One user/assistant pair, after the optional ``system`` and ``history`` (ms-swift's query/response form)."""
-    return [*_system_and_history(rec), {"role": "user", "content": _text(rec, user_key)},
-            {"role": "assistant", "content": _text(rec, assistant_key)}], []
+    messages = _system_and_history(rec) if "system" in rec or "history" in rec else []
+    messages += [{"role": "user", "content": _text(rec, user_key)},
+                 {"role": "assistant", "content": _text(rec, assistant_key)}]
+    return messages, []
 
 
 def resolve(rec: Any, path: tuple[str, ...]) -> Any:
