@@ -158,3 +158,12 @@ def test_unread_keys_in_stats_and_summary_count_written_records_only(tmp_path, c
     assert stats.unread == Counter({"images": 3, "id": 3, "messages[].reasoning_content": 1})
     assert main([str(src), "-o", str(tmp_path / "cli.jsonl"), "--no_progress"]) == 0
     assert "unread keys: id=3, images=3, messages[].reasoning_content=1" in capsys.readouterr().out
+
+
+def test_unread_counts_add_up_across_batches(tmp_path):
+    """More records than one progress batch (1024), every third one rejected: only written records count."""
+    src = tmp_path / "many.jsonl"
+    rows = [{"messages": [m("user", "Q"), m("assistant", "" if i % 3 == 0 else "A")], "id": i} for i in range(2500)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (stats,) = convert_inputs([src], tmp_path / "out.jsonl", ConvertOptions(progress=False))
+    assert stats.written == 2500 - 834 and stats.unread == Counter(id=stats.written)
