@@ -167,3 +167,12 @@ def test_unread_counts_add_up_across_batches(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (stats,) = convert_inputs([src], tmp_path / "out.jsonl", ConvertOptions(progress=False))
     assert stats.written == 2500 - 834 and stats.unread == Counter(id=stats.written)
+
+
+def test_unread_key_names_that_cannot_print_are_escaped(tmp_path, capsys):
+    src = tmp_path / "odd.jsonl"
+    src.write_text('{"messages":[{"role":"user","content":"Q"},{"role":"assistant","content":"A"}],'
+                   '"\\ud800":1,"%s":2}\n' % ("k" * 200))
+    assert main([str(src), "-o", str(tmp_path / "out.jsonl"), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "unread keys: " in out and "\\ud800=1" in out and "k" * 80 + "…=1" in out

@@ -17,8 +17,15 @@ def _reasons(counter: Counter) -> str:
 
 
 def _unread(counter: Counter) -> str:
-    """Most frequent first: the keys a user most likely meant to train on lead the line."""
-    return ", ".join(f"{k}={v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+    """Most frequent first: the keys a user most likely meant to train on lead the line.
+
+    Keys are data: a lone surrogate is escaped and a long key shortened, so the summary always prints.
+    """
+    def name(key: str) -> str:
+        key = key if len(key) <= 80 else key[:80] + "…"
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return ", ".join(f"{name(k)}={v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def summary_lines(stats: list[FileStats]) -> list[str]:
