@@ -14,8 +14,9 @@ pair per expert and projection, in ``[out, in]`` convention::
 
 **Rank.** The fused gate/up factor has rank r_gu (2r when the config names gate_proj and up_proj at r):
 its ΔW restricted to the gate rows is ``B[:I] @ A`` with A shared by gate and up, so it has rank up to
-r_gu, and an exact per-projection export at rank r does not exist in general. vLLM reads one ``r`` (no
-``rank_pattern``) both for ``--max-lora-rank`` and for the scale ``lora_alpha / r``, so every module is
+r_gu, and an exact per-projection export at rank r does not exist in general. Older vLLM releases read
+one ``r`` (no ``rank_pattern``) for both ``--max-lora-rank`` and the scale ``lora_alpha / r`` (0.33 honours
+``rank_pattern``, but ``--max-lora-rank`` must cover the largest rank anyway), so every module is
 exported at one rank R = the largest rank of the adapter (r_gu): smaller factors (down, attention) are
 padded with zero rows of A and zero columns of B, which leaves ΔW = B·A unchanged. Each module's own
 scale (alpha / r, rsLoRA, alpha_pattern) is kept: when all scales agree, ``lora_alpha = scale · R``;
