@@ -40,7 +40,7 @@ clean:
 GGUF_VENV := .cache/venv-gguf
 VLLM_VENV := .cache/venv-vllm
 # llama-cpp-python ships as a source package: a portable CPU build (minutes to compile on a small machine).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF
 
 $(GGUF_VENV)/.installed:
 	test -x $(GGUF_VENV)/bin/python || $(PYTHON) -m venv $(GGUF_VENV)

@@ -64,6 +64,7 @@ LAYER_NAMES = {
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
+QUANT_CHUNK_ROWS = 4096
 KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")  # 1-D norms and the router, as llama.cpp's converter keeps them
 
 
@@ -190,7 +191,16 @@ def _encode(tensor, qtype):
         return tensor.float().numpy()
     if qtype == Q.BF16:
         return tensor.to(torch.bfloat16).view(torch.uint16).numpy()  # round-to-nearest-even from fp32, as gguf does
-    return gguf.quants.quantize(tensor.float().numpy(), qtype)
+    # Quantize in row chunks: numpy's reference quantizer makes several full-size temporaries, which for the
+    # embedding would be a few times its fp32 size (measured +128 MiB over the tokenizer for a 37 MiB tensor).
+    import numpy as np
+
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    row_bytes = _nbytes((tensor.shape[-1],), qtype)
+    out = np.empty((rows.shape[0], row_bytes), dtype=np.uint8)
+    for i in range(0, rows.shape[0], QUANT_CHUNK_ROWS):
+        out[i:i + QUANT_CHUNK_ROWS] = gguf.quants.quantize(rows[i:i + QUANT_CHUNK_ROWS].float().numpy(), qtype)
+    return out.reshape(*tensor.shape[:-1], row_bytes)
 
 
 def _vocab(tok_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
