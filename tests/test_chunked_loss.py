@@ -184,3 +184,37 @@ def test_trainer_chunked_loss_with_peft_and_the_expert_engine(tmp_path):
     _assert_same(_trainer(model, tmp_path, False), _trainer(model, tmp_path, True), batch, num_items=31)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_down_A" in n for n in names) and any("q_proj.lora_A" in n for n in names)
+
+
+def test_offload_moves_every_saved_tensor_through_the_host_and_keeps_the_gradients(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    from transformers import AutoConfig
+
+    from qwen_sft.train.args import ModelArguments
+    from qwen_sft.train.model import load_model
+
+    model = load_model(ModelArguments(model_name_or_path=str(tiny_model_dir), torch_dtype="float32"),
+                       AutoConfig.from_pretrained(tiny_model_dir))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = make_collator(True, PAD)(_samples([(40, 10), (25, 25)], seed=4))
+    plain = _trainer(model, tmp_path, True)
+    packed_bytes = []
+
+    class Spy(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def counting(t):
+                packed_bytes.append(t.numel() * t.element_size())
+                return pack(t)
+
+            self.pack_hook = counting
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
+    offload = _trainer(model, tmp_path, True)
+    offload.offload_activations = True
+    _assert_same(plain, offload, batch, num_items=63, rtol=1e-6, atol=1e-7)
+    layers, tokens, hidden = model.config.num_hidden_layers, batch["input_ids"].numel(), model.config.hidden_size
+    assert sum(packed_bytes) >= layers * tokens * hidden * 4  # at least every checkpointed layer's input

@@ -130,8 +130,6 @@ def run(config: Config) -> dict:
     if t.activation_checkpointing:
         # Non-reentrant: works with frozen inputs and with the MoE's data-dependent routing.
         kwargs = {"use_reentrant": False, **(t.activation_checkpointing_kwargs or {})}
-        if r.offload_activations:
-            kwargs["offload"] = True  # transformers: save_on_cpu around each checkpointed layer
         t.activation_checkpointing_kwargs = t.gradient_checkpointing_kwargs = kwargs
     conflicts = long_sequence_conflicts(d, r, t)
     if conflicts:
@@ -192,7 +190,7 @@ def run(config: Config) -> dict:
                          data_collator=make_collator(d.packing, tokenizer.pad_token_id),
                          processing_class=tokenizer, router_aux_loss_coef=coef, callbacks=callbacks,
                          chunked_loss=r.chunked_loss, loss_chunk_tokens=r.loss_chunk_tokens,
-                         max_tokens_per_batch=budget)
+                         max_tokens_per_batch=budget, offload_activations=r.offload_activations)
     result = trainer.train(resume_from_checkpoint=resume)
     # --- save ----------------------------------------------------------------------------------------
     trainer.save_model(str(out))

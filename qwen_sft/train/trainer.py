@@ -13,6 +13,7 @@ supervised token weighs the same however the tokens fall into micro-batches (tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -37,11 +38,11 @@ def peak_memory_gib() -> float:
 class SFTTrainer(Trainer):
     def __init__(self, *args, router_aux_loss_coef: float = 0.0, chunked_loss: bool = True,
                  loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_tokens_per_batch: int | None = None,
-                 **kwargs) -> None:
+                 offload_activations: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.router_aux_loss_coef = router_aux_loss_coef
         self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
-        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_tokens_per_batch, self.offload_activations = max_tokens_per_batch, offload_activations
         self.batching_stats: dict | None = None
         self._tokens = self._supervised = 0
         self._aux_sum, self._aux_n = 0.0, 0
@@ -52,11 +53,17 @@ class SFTTrainer(Trainer):
             mask = inputs.get("attention_mask")
             self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             self._supervised += int((inputs["labels"][..., 1:] != -100).sum())
-        if self.chunked_loss and "labels" in inputs:
-            loss, outputs = self._chunked_compute_loss(model, inputs, num_items_in_batch)
-        else:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+        # Offload: what autograd saves outside the checkpointed layers (with checkpointing on: each layer's input,
+        # layers x tokens x hidden) goes to host memory, pinned when there is a GPU, and comes back in backward.
+        # PyTorch's save_on_cpu rather than transformers' offload=True, which insists on pinned memory (no CPU run).
+        offload = self.offload_activations and model.training and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
+                else contextlib.nullcontext():
+            if self.chunked_loss and "labels" in inputs:
+                loss, outputs = self._chunked_compute_loss(model, inputs, num_items_in_batch)
+            else:
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
         aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         if aux is not None and self.router_aux_loss_coef > 0:
             # The model's own `loss += coef * aux` is disabled (coef 0 on the model) because the LM loss arrives
