@@ -218,3 +218,21 @@ def test_offload_moves_every_saved_tensor_through_the_host_and_keeps_the_gradien
     _assert_same(plain, offload, batch, num_items=63, rtol=1e-6, atol=1e-7)
     layers, tokens, hidden = model.config.num_hidden_layers, batch["input_ids"].numel(), model.config.hidden_size
     assert sum(packed_bytes) >= layers * tokens * hidden * 4  # at least every checkpointed layer's input
+
+
+def test_evaluate_gives_the_same_eval_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from qwen_sft.model.tiny import TinySpec, build_tiny_model
+    from qwen_sft.train.trainer import SFTTrainer
+
+    data = [{"input_ids": list(range(1, n + 1)), "labels": [-100] * 3 + list(range(4, n + 1))} for n in (30, 12, 20)]
+    model = build_tiny_model(TinySpec(layers=1)).float()
+    losses = []
+    for chunked in (True, False):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
+                                 remove_unused_columns=False, per_device_eval_batch_size=2, label_names=["labels"])
+        trainer = SFTTrainer(model=model, args=args, eval_dataset=data, data_collator=make_collator(True, PAD),
+                             chunked_loss=chunked)
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

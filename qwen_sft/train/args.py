@@ -139,6 +139,10 @@ class RunArguments:
         default=False, metadata={"help": "Keep the activations saved at gradient-checkpoint boundaries in host "
                                          "memory (transformers' checkpoint offload); needs gradient checkpointing."}
     )
+    expert_tile_rows: int = field(
+        default=65_536, metadata={"help": "Expert engine: routed rows (tokens x top-k) per tile; a longer micro-batch "
+                                          "runs its experts tile by tile, each recomputed in backward. 0: never tile."}
+    )
     sp_size: int = field(
         default=1, metadata={"help": "Sequence-parallel degree (Ulysses). Only 1 is supported for now."}
     )
@@ -173,6 +177,8 @@ def long_sequence_conflicts(data: DataArguments, run: RunArguments, training: ob
     if run.offload_activations and not getattr(training, "activation_checkpointing", False):
         problems.append("offload_activations=true offloads what gradient checkpointing saves: it needs "
                         "gradient_checkpointing=true")
+    if run.expert_tile_rows < 0:
+        problems.append(f"expert_tile_rows must be >= 0 (0: never tile), got {run.expert_tile_rows}")
     if run.sp_size != 1:
         problems.append(f"sp_size={run.sp_size}: sequence parallelism is not implemented in this release "
                         f"(docs/train.md \"Long trajectories\" says what remains); use sp_size=1 with "

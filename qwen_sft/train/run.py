@@ -168,6 +168,11 @@ def run(config: Config) -> dict:
     if m.use_peft:
         model, lora_info = apply_lora(model, m, bool(t.activation_checkpointing))
     freeze_router(model, m.train_router)
+    if lora_info and lora_info["expert_engine"]:
+        from qwen_sft.moe.lora import expert_engines
+
+        for engine_module in expert_engines(model).values():
+            engine_module.max_routed_rows = r.expert_tile_rows or None
     groups = parameter_groups(model)
     log("parameters by group:")
     for line in format_groups(groups):
