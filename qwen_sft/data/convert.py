@@ -47,6 +47,7 @@ class FileStats:
     written: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     notes: Counter = field(default_factory=Counter)  # dropped reasoning, trailing turns, ... -> count
+    unread: Counter = field(default_factory=Counter)  # keys of written records no shape read -> count
     blank_lines: int = 0
 
     @property
@@ -91,11 +92,13 @@ def convert_file(
     kind, items = read_records(path, counts)
     notes, system, dumps = stats.notes, opts.system, orjson.dumps
     pending = 0
+    unread: list[str] = []  # unread keys of the records written since the last count; a reject's are cut off
     for pos, value, err, raw in items:
         stats.read += 1
+        mark = len(unread)
         if err is None:
             try:
-                messages, tools = to_messages(value, notes, opts)
+                messages, tools = to_messages(value, notes, opts, unread)
                 record = build_record(messages, tools, system, notes)
             except BadRecord as bad:
                 err = bad
@@ -111,17 +114,22 @@ def convert_file(
                 sink.write(line)
             stats.written += 1
         else:
+            del unread[mark:]
             if opts.strict:
                 raise StrictError(f"{path}:{kind} {pos}: {err.reason}: {err.detail}")
             stats.rejected[err.reason] += 1
             if rejects is not None:
                 rejects.write(reject_line(path, kind, pos, err, raw if value is None else value))
         pending += 1
-        if bar is not None and pending >= PROGRESS_EVERY:
-            bar.update(pending)
+        if pending >= PROGRESS_EVERY:
+            if bar is not None:
+                bar.update(pending)
             pending = 0
+            stats.unread.update(unread)  # counted in C, once per batch of records
+            unread.clear()
     if bar is not None:
         bar.update(pending)
+    stats.unread.update(unread)
     stats.blank_lines = counts.get("blank_lines", 0)
     if stats.read != stats.written + stats.n_rejected:  # cannot happen by construction; never ship it silently
         raise AssertionError(f"{path}: read {stats.read} != written {stats.written} + rejected {stats.n_rejected}")
