@@ -178,3 +178,22 @@ def test_qlora_loader_matches_bitsandbytes_and_quantizes_shared_expert(next_dir)
     assert not quantized_linear("model.layers.0.mlp.experts.3.gate_proj")
     with torch.no_grad():
         assert torch.equal(ours(input_ids=IDS, use_cache=False).logits, ref(input_ids=IDS, use_cache=False).logits)
+
+
+def test_loader_skips_the_mtp_head_like_from_pretrained(next_dir, tmp_path):
+    """Released Qwen3-Next checkpoints carry a multi-token-prediction head (``mtp.*``) that transformers drops
+    on load; load_moe_model drops it too, and still names a truly unknown tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "with_mtp"
+    shutil.copytree(next_dir, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file({**tensors, "mtp.fc.weight": torch.zeros(4, 4)}, ckpt / "model.safetensors", metadata={"format": "pt"})
+    model, report = load_moe_model(ckpt, device="cpu", compute_dtype=torch.float32, quantize_experts=False)
+    assert report.layers == 4 and not any(n.startswith("mtp") for n, _ in model.named_parameters())
+    save_file({**tensors, "model.extra.weight": torch.zeros(4, 4)}, ckpt / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 checkpoint tensors match nothing .*model\.extra\.weight"):
+        load_moe_model(ckpt, device="cpu", compute_dtype=torch.float32, quantize_experts=False)

@@ -148,6 +148,8 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
     shards = _Shards()
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     unexpected = []
+    # What from_pretrained drops too, e.g. qwen3_next's multi-token-prediction head (``mtp.*``), unused in SFT.
+    ignored = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     for key, path in wmap.items():
         if m := _PER_EXPERT.match(key):
             expert_parts[m["block"]][(int(m["e"]), m["proj"])] = (path, key)
@@ -163,7 +165,7 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
             else:
                 dtype = compute_dtype if value.is_floating_point() else None
                 set_module_tensor_to_device(model, key, device, value=value, dtype=dtype)
-        else:
+        elif not any(re.search(pattern, key) for pattern in ignored):
             unexpected.append(key)
     if unexpected:
         raise ValueError(f"{model_dir}: {len(unexpected)} checkpoint tensors match nothing in "
