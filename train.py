@@ -16,13 +16,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from qwen_sft.train.args import parse_flags
     from qwen_sft.train.data import DataError
-    from qwen_sft.train.run import run
+    from qwen_sft.train.run import SaveError, run
 
     argv = sys.argv[1:] if argv is None else argv
     config = parse_flags(argv)  # argparse prints usage and exits 2 on bad flags
     try:
         run(config)
-    except DataError as exc:
+    except (DataError, SaveError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     from qwen_sft.train.args import parse_yaml
     from qwen_sft.train.data import DataError
-    from qwen_sft.train.run import run
+    from qwen_sft.train.run import SaveError, run
 
     try:
         config = parse_yaml(argv[0], argv[1:])
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(config)
-    except DataError as exc:
+    except (DataError, SaveError) as exc:
         print(f"qwen-sft train: {exc}", file=sys.stderr)
         return 1
     return 0
