@@ -34,6 +34,15 @@ RUN_RECORD = ("train_config.yaml", "trainable_params.json")
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 
 
+class SaveError(OSError):
+    """A save failed (disk full, permissions): reported as one line, not a traceback."""
+
+    @classmethod
+    def of(cls, what: str, err: OSError, kept: str) -> SaveError:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return cls(f"saving {what} failed: {err.strerror or err}{where}; {kept}")
+
+
 def invalidate(directory: str | os.PathLike) -> None:
     """Remove the completion marker before a directory is (re)written."""
     with contextlib.suppress(FileNotFoundError):

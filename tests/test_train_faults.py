@@ -196,6 +196,26 @@ def test_kill_during_checkpoint_save_then_merge_refuses_and_resume_matches(tiny_
 
 
 @pytest.mark.slow
+def test_disk_full_at_the_final_save_is_one_line(tiny_model_dir, tokenized, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from qwen_sft.train.cli import main
+    from qwen_sft.train.trainer import SFTTrainer
+
+    def full(self, output_dir=None, state_dict=None):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{output_dir}/adapter_model.safetensors")
+
+    monkeypatch.setattr(SFTTrainer, "_save", full)
+    out = tmp_path / "out"
+    assert main([str(_config(tmp_path / "full.yaml", tiny_model_dir, tokenized, max_steps=1)), f"output_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    assert f"qwen-sft train: saving the final model to {out} failed: No space left on device ({out}/adapter_model" \
+           f".safetensors); the checkpoints are unaffected\n" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        check_adapter_complete(out)
+
+
+@pytest.mark.slow
 def test_no_secret_in_any_file_or_on_the_console(tiny_model_dir, tokenized, tmp_path):
     """hub_token as a flag, WANDB_API_KEY / HF_TOKEN in the environment: none of the values anywhere, in any byte."""
     secrets = {"flag": "hf_FLAGsecret0123456789", "WANDB_API_KEY": "wandbSECRETkey0123456789",

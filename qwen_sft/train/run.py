@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
-from qwen_sft.checkpoint import invalidate, mark_complete
+from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import is_secret, redact_line
 from qwen_sft.train.args import Config, describe
 from qwen_sft.train.data import DataStats, load_tokenized
@@ -202,14 +202,9 @@ def run(config: Config) -> dict:
                 json.dump(result.metrics, fh, indent=2)
             mark_complete(out)
     except OSError as err:
-        raise SaveError(f"saving the final model to {out} failed: {err.strerror or err} "
-                        f"({getattr(err, 'filename', None) or out}); the checkpoints are unaffected") from err
+        raise SaveError.of(f"the final model to {out}", err, "the checkpoints are unaffected") from err
     log(f"done: {result.global_step} optimizer steps, final train loss {result.training_loss:.4f}; saved to {out}")
     return {**result.metrics, "global_step": result.global_step, "model": trainer.model}
-
-
-class SaveError(OSError):
-    """The final save failed (disk full, permissions): one line, not a traceback."""
 
 
 def _is_zero3(training) -> bool:
@@ -220,4 +215,4 @@ def _is_zero3(training) -> bool:
     return int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
-__all__ = ["run", "DataStats"]
+__all__ = ["run", "DataStats", "SaveError"]

@@ -24,7 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qwen_sft.atomic import atomic_open
-from qwen_sft.checkpoint import invalidate, mark_complete
+from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import secrets_hidden
 
 ARTIFACTS = ("train_config.yaml", "data_stats.json", "trainable_params.json", "chat_template.jinja")
@@ -83,13 +83,16 @@ class SFTTrainer(Trainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.artifacts_dir is not None:
+                for name in ARTIFACTS:
+                    src = self.artifacts_dir / name
+                    if src.exists():
+                        shutil.copy(src, ckpt / name)
+        except OSError as err:  # disk full mid-save: the earlier checkpoints are complete and kept
+            raise SaveError.of(str(ckpt), err, "earlier complete checkpoints are kept; free space and rerun "
+                               "with resume_from_checkpoint=auto") from err
         finally:
             self.args.save_total_limit = limit
-        if self.args.should_save and self.artifacts_dir is not None:
-            for name in ARTIFACTS:
-                src = self.artifacts_dir / name
-                if src.exists():
-                    shutil.copy(src, ckpt / name)
         self.accelerator.wait_for_everyone()  # every rank's optimizer shard is on disk before the marker
         if self.args.should_save:
             mark_complete(ckpt)
