@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import orjson
 
+from qwen_sft.data.exactjson import loads as exact_loads
+
 ROLES = ("system", "user", "assistant", "tool")
 ReasoningPolicy = Literal["drop", "keep", "reject"]
 
@@ -41,7 +43,7 @@ def maybe_json(value: Any, what: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return orjson.loads(value)
+        return exact_loads(value)
     except orjson.JSONDecodeError as err:
         detail = f"{what} is a string that is not JSON ({err}): {preview(value)}"
         raise BadRecord("invalid_json_field", detail) from None
@@ -119,7 +121,7 @@ def normalize_tool_call(call: Any, notes: Counter, wrap_key: str | None) -> dict
         parsed = {}
     elif isinstance(args, str):
         try:
-            parsed = orjson.loads(args) if args.strip() else {}
+            parsed = exact_loads(args) if args.strip() else {}
         except orjson.JSONDecodeError:
             parsed = None  # not JSON at all: handled with the other non-objects below
     if not isinstance(parsed, dict):
