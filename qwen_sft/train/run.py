@@ -15,6 +15,7 @@ from pathlib import Path
 from qwen_sft.atomic import atomic_open
 from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import is_secret, redact_line
+from qwen_sft.train import download
 from qwen_sft.train.args import Config, describe
 from qwen_sft.train.data import DataStats, load_tokenized
 from qwen_sft.train.model import (
@@ -25,8 +26,8 @@ from qwen_sft.train.model import (
     load_model,
     log,
     parameter_groups,
-    read_lora_config,
 )
+from qwen_sft.train.validate import validate
 
 
 def _wandb_logged_in() -> bool:
@@ -135,11 +136,13 @@ def run(config: Config) -> dict:
     for line in describe(config):
         log(redact_line(line))
     # --- validate before loading any weights -------------------------------------------------------
+    checked = validate(config)  # every option conflict, the adapter config, model files, data paths: all at once
+    if checked["download"] and config.run.dry_run:
+        log(f"{checked['download']}: weights not in the cache; a real run downloads them first "
+            f"({download.download_command(checked['download'], m.cache_dir)})")
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir,
                                               trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
-    if m.use_peft:
-        read_lora_config(m.peft_config_path)
     if m.use_peft and t.gradient_checkpointing is None:
         t.gradient_checkpointing = True
         log("gradient_checkpointing=True (default for LoRA/QLoRA)")
@@ -161,6 +164,11 @@ def run(config: Config) -> dict:
     if config.run.dry_run:
         log(f"dry run: config and data valid; would train {m.model_name_or_path} into {t.output_dir}")
         return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats}
+    if checked["download"]:
+        # Validation and data passed; now the weights (tens of GB for the 30B model), with progress bars.
+        log(f"{checked['download']}: weights not in the cache {download.hub_cache(m.cache_dir)}; downloading")
+        with t.main_process_first(desc="download the model"):
+            download.download_model(checked["download"], m.cache_dir)
     # --- build ---------------------------------------------------------------------------------------
     from transformers import set_seed
 
