@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from qwen_sft.train.args import parse_flags
     from qwen_sft.train.data import DataError
-    from qwen_sft.train.run import run
+    from qwen_sft.train.run import SaveError, run
     from qwen_sft.train.validate import ConfigError
 
     try:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
-    except DataError as exc:
+    except (DataError, SaveError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 1
     return 0

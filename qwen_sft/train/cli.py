@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     from qwen_sft.train.args import parse_yaml
     from qwen_sft.train.data import DataError
-    from qwen_sft.train.run import run
+    from qwen_sft.train.run import SaveError, run
     from qwen_sft.train.validate import ConfigError
 
     try:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qwen-sft train: {exc}", file=sys.stderr)
         return 2
-    except DataError as exc:
+    except (DataError, SaveError) as exc:
         print(f"qwen-sft train: {exc}", file=sys.stderr)
         return 1
     return 0
