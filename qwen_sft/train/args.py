@@ -117,6 +117,13 @@ class RunArguments:
     )
     loss_curve: bool = field(default=True, metadata={"help": "Write loss_curve.png into output_dir at the end."})
 
+    # --- rehearsal (qwen_sft/trace): used by --dry_run only ----------------------------------------------
+    gpu_memory: str | None = field(
+        default=None, metadata={"help": "--dry_run traces one training step on fake tensors and fails unless it fits "
+                                        "this much GPU memory (24GB, 80GiB; default: the visible GPU's; 'off': no "
+                                        "trace)."}
+    )
+
 
 @dataclass
 class Config:
