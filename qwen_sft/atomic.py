@@ -54,3 +54,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_group(paths: list[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary files beside each of ``paths``, published as one unit on clean exit.
+
+    Publishing removes every old file among ``paths`` first, last one first, then renames the new ones in
+    order, last one last: make the last path the one that says the set is complete (a stats file). A kill
+    during publishing leaves some new files and no old one, and no last file, never a mix of two runs.
+    """
+    finals = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for path in finals:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o644)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp in temps:
+            _fsync(tmp)
+        for path in reversed(finals):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for tmp, path in zip(temps, finals):
+            os.replace(tmp, path)
+        for parent in {p.parent for p in finals}:
+            _fsync(parent)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

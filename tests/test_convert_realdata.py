@@ -95,6 +95,27 @@ def test_functionary_raw_python_arguments(realdata_dir, tmp_path):
     assert msgs[12]["tool_calls"][0]["function"]["arguments"] == {
         "code": "l=[int('0'),int('1'),int('2'),int('3'),int('4'),int('5')]\nl.remove(3.6)"}
     assert "metainfo" not in json.dumps(record) and "masked" not in json.dumps(record)
+    # its authors masked the buggy l.remove(3.6) call (metadata.masked): kept as loss false, nothing else flagged
+    assert [i for i, m in enumerate(msgs) if "loss" in m] == [12] and msgs[12]["loss"] is False
+
+
+def test_unread_keys_of_the_real_files(realdata_dir, tmp_path):
+    from collections import Counter
+
+    from qwen_sft.data.convert import convert_inputs
+    from qwen_sft.data.options import ConvertOptions
+
+    names = ["functionary__test_case.json", "kullm__user_oriented_instructions_eval.jsonl",
+             "llamafactory__glaive_toolcall_en_demo.json", "llamafactory__reason_tool_use_demo_50.jsonl",
+             "sweagent__marshmallow-1867__function_calling_replace.traj"]
+    stats = convert_inputs([realdata_dir / n for n in names], tmp_path / "all.jsonl",
+                           ConvertOptions(wrap_raw_arguments="code", progress=False))
+    assert [s.unread for s in stats] == [
+        Counter({"messages[].name": 6, "messages[].metainfo": 1}),
+        Counter({"id": 252, "motivation_app": 252}),
+        Counter(), Counter(),
+        Counter({"history[].agent": 24, "history[].message_type": 24, "history[].action": 11,
+                 "history[].thought": 11, "environment": 1, "info": 1, "replay_config": 1, "trajectory": 1})]
 
 
 def test_every_converted_realdata_record_renders_with_the_official_template(realdata_dir, tmp_path, spec_tok):

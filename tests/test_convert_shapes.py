@@ -35,9 +35,9 @@ CALL = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
 def test_messages_kept_and_extra_keys_dropped():
     rec = {"id": 7, "messages": [{"role": "system", "content": "S", "agent": "main"},
                                  {"role": "user", "content": "Q", "name": "bob", "metainfo": {"img": 1}},
-                                 {"role": "assistant", "content": "A", "thought": "t", "loss": False}]}
+                                 {"role": "assistant", "content": "A", "thought": "t", "loss": False}, U, A]}
     assert convert(rec) == {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                         {"role": "assistant", "content": "A", "loss": False}]}
+                                         {"role": "assistant", "content": "A", "loss": False}, U, A]}
 
 
 def test_messages_tool_calls_string_arguments_parallel_order_and_null_content():

@@ -113,7 +113,7 @@ class OutputPaths:
         """Resolved paths this run writes (the tokenizer's side files too), never to be read as input."""
         finals = [self.output, self.train, self.evaluation]
         chatmls = [self.chatml_of(p) for p in finals]
-        side = [Path(f"{p}{suffix}") for p in finals + chatmls for suffix in (".rejects.jsonl", ".stats.json")]
+        side = [Path(f"{p}{suffix}") for p in finals + chatmls for suffix in (".rejects.jsonl", ".stats.json", ".run.json")]
         return {p.resolve() for p in [self.rejects, *finals, *chatmls, *side]}
 
 
@@ -195,12 +195,16 @@ def _run(argv: list[str] | None) -> int:
             print(f"convert_to_chatml: --tokenize: {err}", file=sys.stderr)
             return 1
         tokenize = tokenize_chatml_file
-    inputs, skipped = find_inputs(root, paths.own())
+    merged = Path(args.merge_output or output) if args.merge or args.merge_output else None
+    # The merged file may sit inside the input directory (the seed's -merge_output): it is an output, not input.
+    own = paths.own() | ({merged.resolve()} if merged is not None else set())
+    inputs, skipped = find_inputs(root, own)
     if out_dir is not None:  # a previous run's per-file outputs inside the input directory are not input
         mine = [p for p in inputs if p.resolve().is_relative_to(out_dir.resolve())]
-        inputs, skipped = [p for p in inputs if p not in mine], skipped + mine
-    for path in skipped:
-        print(f"skipped (not a data file or one of this run's outputs): {path}", file=sys.stderr)
+        inputs = [p for p in inputs if p not in mine]
+        skipped += [(p, "one of this run's outputs (under -output_dir)") for p in mine]
+    for path, why in skipped:
+        print(f"skipped: {path} ({why})", file=sys.stderr)
     if not inputs:
         print(f"convert_to_chatml: no data files under {root} (.jsonl, .json, .traj, .parquet, .csv, .tsv, .gz)",
               file=sys.stderr)
@@ -212,7 +216,6 @@ def _run(argv: list[str] | None) -> int:
     written: list[Path] = []
     try:
         if out_dir is not None:
-            merged = Path(args.merge_output or output) if args.merge or args.merge_output else None
             pairs = per_file_outputs(root, inputs, out_dir)
             stats = convert_per_file(pairs, opts, paths.rejects, merged)
             written = [dst for _, dst in pairs] + ([merged] if merged else [])
@@ -234,21 +237,46 @@ def _run(argv: list[str] | None) -> int:
     except ValueError as err:
         print(f"convert_to_chatml: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # disk full, read-only or vanished output folder: one line, and nothing half-written
+        print(f"convert_to_chatml: cannot write the output: {_os_error(err)}; nothing was written, "
+              "earlier outputs are untouched", file=sys.stderr)
+        return 1
     total_written = print_summary(stats, written, None if args.strict else paths.rejects)
     if total_written == 0:
-        print("convert_to_chatml: no record could be converted; the rejects file says why", file=sys.stderr)
+        if sum(s.read for s in stats) == 0:
+            print(f"convert_to_chatml: the input holds no records ({len(inputs)} file(s), all empty or blank)",
+                  file=sys.stderr)
+        else:
+            print("convert_to_chatml: no record could be converted; the rejects file says why", file=sys.stderr)
         return 1
     # ---- save the tokenized form
     if tokenize is not None:
-        for src, dst in paths.tokenize_pairs(args.split):
+        from qwen_sft.tokenize.pipeline import WorkerDied
+        from qwen_sft.tokenize.stats import side_paths
+
+        pairs = paths.tokenize_pairs(args.split)
+        # The tokenized files of an earlier run are stale now: removed first, so a kill between the train and
+        # the eval file leaves a missing file, never a new train beside an old eval.
+        for _, dst in pairs:
+            for stale in [dst, *side_paths(dst).values()]:
+                stale.unlink(missing_ok=True)
+        for src, dst in pairs:
             try:
                 result = tokenize(src, dst, model=args.model, max_len=args.max_len,
                                   trust_remote_code=args.trust_remote_code)
-            except (ValueError, TokenizerLoadError) as err:
+            except (ValueError, TokenizerLoadError, WorkerDied) as err:
                 print(f"convert_to_chatml: --tokenize {src}: {err}", file=sys.stderr)
+                return 1
+            except OSError as err:
+                print(f"convert_to_chatml: --tokenize {src}: cannot write: {_os_error(err)}", file=sys.stderr)
                 return 1
             print(f"tokenized {src} → {dst}: {result.get('samples')} samples, {result.get('tokens')} tokens")
     return 0
+
+
+def _os_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
 
 
 if __name__ == "__main__":

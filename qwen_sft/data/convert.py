@@ -12,6 +12,7 @@ Output bytes depend only on the input bytes and options: files in sorted order, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -25,7 +26,7 @@ from typing import IO
 import orjson
 from tqdm import tqdm
 
-from qwen_sft.atomic import atomic_open
+from qwen_sft.atomic import atomic_group, atomic_open
 from qwen_sft.data.messages import BadRecord
 from qwen_sft.data.options import ConvertOptions
 from qwen_sft.data.readers import read_records
@@ -46,6 +47,7 @@ class FileStats:
     written: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     notes: Counter = field(default_factory=Counter)  # dropped reasoning, trailing turns, ... -> count
+    unread: Counter = field(default_factory=Counter)  # keys of written records no shape read -> count
     blank_lines: int = 0
 
     @property
@@ -54,11 +56,31 @@ class FileStats:
 
 
 def reject_line(path: Path, kind: str, pos: int, err: BadRecord, raw: object) -> bytes:
-    row = {"file": str(path), kind: pos, "reason": err.reason, "detail": err.detail, "record": raw}
+    row = {"file": _printable(str(path)), kind: pos, "reason": err.reason, "detail": _printable(err.detail),
+           "record": raw}
     try:
         return orjson.dumps(row, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n"
-    except TypeError:  # e.g. a lone surrogate or an integer past 64 bits from the json fallback
-        return orjson.dumps({**row, "record": repr(raw)}) + b"\n"
+    except TypeError:  # a lone surrogate, an integer past 64 bits, nesting orjson cannot write
+        pass
+    try:
+        # ensure_ascii writes a lone surrogate as \udXXX; Python's json has no integer or depth limit of its own
+        return (json.dumps(row, ensure_ascii=True, default=str) + "\n").encode()
+    except (ValueError, TypeError, RecursionError):
+        return orjson.dumps({**row, "record": None, "record_unprintable": True}) + b"\n"
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _dump_error(exc: TypeError) -> BadRecord:
+    """Why orjson could not write a converted record, as a stable reason."""
+    text = str(exc)
+    if "Integer exceeds" in text:
+        return BadRecord("integer_out_of_range", f"an integer does not fit in 64 bits ({text})")
+    if "ecursion" in text:
+        return BadRecord("nested_too_deep", text)
+    return BadRecord("unserializable", text)
 
 
 def convert_file(
@@ -70,35 +92,44 @@ def convert_file(
     kind, items = read_records(path, counts)
     notes, system, dumps = stats.notes, opts.system, orjson.dumps
     pending = 0
+    unread: list[str] = []  # unread keys of the records written since the last count; a reject's are cut off
     for pos, value, err, raw in items:
         stats.read += 1
+        mark = len(unread)
         if err is None:
             try:
-                messages, tools = to_messages(value, notes, opts)
+                messages, tools = to_messages(value, notes, opts, unread)
                 record = build_record(messages, tools, system, notes)
             except BadRecord as bad:
                 err = bad
+            except Exception as exc:  # noqa: BLE001 - one record's surprise must not end the run: it is a reject
+                err = BadRecord("unexpected_error", f"{type(exc).__name__}: {exc}")
             else:
                 try:
                     line = dumps(record) + b"\n"
-                except TypeError as exc:  # orjson: a string with a lone surrogate cannot be UTF-8
-                    err = BadRecord("unserializable", str(exc))
+                except TypeError as exc:  # orjson: a lone surrogate, an integer past 64 bits, too deep
+                    err = _dump_error(exc)
         if err is None:
             for sink in sinks:
                 sink.write(line)
             stats.written += 1
         else:
+            del unread[mark:]
             if opts.strict:
                 raise StrictError(f"{path}:{kind} {pos}: {err.reason}: {err.detail}")
             stats.rejected[err.reason] += 1
             if rejects is not None:
                 rejects.write(reject_line(path, kind, pos, err, raw if value is None else value))
         pending += 1
-        if bar is not None and pending >= PROGRESS_EVERY:
-            bar.update(pending)
+        if pending >= PROGRESS_EVERY:
+            if bar is not None:
+                bar.update(pending)
             pending = 0
+            stats.unread.update(unread)  # counted in C, once per batch of records
+            unread.clear()
     if bar is not None:
         bar.update(pending)
+    stats.unread.update(unread)
     stats.blank_lines = counts.get("blank_lines", 0)
     if stats.read != stats.written + stats.n_rejected:  # cannot happen by construction; never ship it silently
         raise AssertionError(f"{path}: read {stats.read} != written {stats.written} + rejected {stats.n_rejected}")
@@ -174,7 +205,9 @@ def split_lines(src: Path, n: int, train: Path, evaluation: Path, ratio: float, 
     """
     rng, need = random.Random(seed), eval_count(n, ratio)
     n_eval = 0
-    with open(src, "rb") as fh, atomic_open(train, "wb") as tr, atomic_open(evaluation, "wb") as ev:
+    # Both files are published as one unit (atomic_group): a kill never leaves a new eval beside an old train.
+    with open(src, "rb") as fh, atomic_group([train, evaluation]) as (tr_tmp, ev_tmp), \
+            open(tr_tmp, "wb") as tr, open(ev_tmp, "wb") as ev:
         for i, line in enumerate(fh):
             if rng.random() * (n - i) < need - n_eval:
                 ev.write(line)

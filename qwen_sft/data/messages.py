@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import orjson
 
+from qwen_sft.data.exactjson import loads as exact_loads
+
 ROLES = ("system", "user", "assistant", "tool")
 ReasoningPolicy = Literal["drop", "keep", "reject"]
 
@@ -41,7 +43,7 @@ def maybe_json(value: Any, what: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return orjson.loads(value)
+        return exact_loads(value)
     except orjson.JSONDecodeError as err:
         detail = f"{what} is a string that is not JSON ({err}): {preview(value)}"
         raise BadRecord("invalid_json_field", detail) from None
@@ -97,8 +99,10 @@ def _normalize_tools(value: Any, notes: Counter) -> list[dict]:
         if "properties" not in params:
             # The official template iterates parameters.properties unconditionally.
             params = {**params, "properties": {}}
-        tools.append({"type": "function", "function": {"name": fn["name"], "description": description,
-                                                       "parameters": params}})
+        kept = {"name": fn["name"], "description": description, "parameters": params}
+        if fn.get("return") is not None:
+            kept["return"] = fn["return"]  # the official template lists it (an object as JSON, else as text)
+        tools.append({"type": "function", "function": kept})
     return tools
 
 
@@ -119,7 +123,7 @@ def normalize_tool_call(call: Any, notes: Counter, wrap_key: str | None) -> dict
         parsed = {}
     elif isinstance(args, str):
         try:
-            parsed = orjson.loads(args) if args.strip() else {}
+            parsed = exact_loads(args) if args.strip() else {}
         except orjson.JSONDecodeError:
             parsed = None  # not JSON at all: handled with the other non-objects below
     if not isinstance(parsed, dict):

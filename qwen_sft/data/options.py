@@ -39,6 +39,10 @@ class FieldMap:
     def paths(self, target: str) -> list[tuple[str, ...]]:
         return [path for t, path in self.entries if t == target]
 
+    def roots(self) -> frozenset[str]:
+        """The record keys the map reads (each path's first step); the other keys are counted as unread."""
+        return frozenset(path[0] for _, path in self.entries)
+
 
 @dataclass
 class ConvertOptions:

@@ -12,9 +12,11 @@ whole, since a JSON array cannot be parsed piecewise with orjson; use JSON Lines
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
-import json
+import os
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from qwen_sft.data.exactjson import loads as exact_loads
+from qwen_sft.data.exactjson import needs_exact
 from qwen_sft.data.messages import BadRecord, type_name
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".traj": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
@@ -39,23 +43,57 @@ def file_format(path: Path) -> str | None:
     return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def find_inputs(root: Path, exclude: set[Path]) -> tuple[list[Path], list[Path]]:
-    """(inputs, skipped): a file, or every readable file under a directory in sorted relative-path order.
+def find_inputs(root: Path, exclude: set[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(inputs, skipped with the reason): a file, or every data file under a directory in sorted relative order.
 
     Hidden files and folders (``.git``, our own ``.x.tmp`` files) and the run's own outputs are never read.
+    Dangling and looping symlinks, symlinked folders (not followed), special files (a FIFO would block the read)
+    and folders that cannot be listed are skipped with their reason, so the user sees what was not read.
     """
     if root.is_file():
-        return ([root], []) if root.resolve() not in exclude else ([], [root])
-    found, skipped = [], []
-    for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if file_format(path) is None or path.resolve() in exclude:
-            skipped.append(path)
-        else:
-            found.append(path)
-    return found, skipped
+        return ([root], []) if root.resolve() not in exclude else ([], [(root, "one of this run's outputs")])
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+
+    def unlistable(err: OSError) -> None:
+        skipped.append((Path(err.filename), f"folder cannot be listed: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
+        base = Path(dirpath)
+        for name in list(dirnames):
+            if name.startswith("."):
+                dirnames.remove(name)
+            elif (base / name).is_symlink():  # os.walk does not follow it; say so instead of staying silent
+                skipped.append((base / name, "symlinked folder, not followed; give it as the input to read it"))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = base / name
+            reason = _not_readable(path)
+            if reason is None and file_format(path) is None:
+                reason = "not a data file (.jsonl .json .traj .parquet .csv .tsv, or their .gz)"
+            if reason is None and path.resolve() in exclude:
+                reason = "one of this run's outputs"
+            if reason is None:
+                found.append(path)
+            else:
+                skipped.append((path, reason))
+
+    def order(p: Path) -> str:
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix()
+
+    return sorted(found, key=order), sorted(skipped, key=lambda item: order(item[0]))
+
+
+def _not_readable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (dangling or looping link, not a regular file), or None."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "dangling symlink" if path.is_symlink() else "vanished while listing"
+    except OSError as err:
+        return "symlink loop" if err.errno == errno.ELOOP else f"cannot stat: {err.strerror}"
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def _open(path: Path) -> BinaryIO:
@@ -68,22 +106,15 @@ def _raw(line: bytes) -> str:
 
 
 def parse_line(line: bytes) -> tuple[Any, BadRecord | None]:
-    """orjson first; Python's json only for what orjson refuses but is valid JSON (integers past 64 bits)."""
+    """One JSON value, exactly (exactjson: integers past 64 bits stay integers), or the reason it is not one."""
     try:
-        return orjson.loads(line), None
+        return exact_loads(line), None
     except orjson.JSONDecodeError as err:
         try:
-            text = line.decode("utf-8")
+            line.decode("utf-8")
         except UnicodeDecodeError as uerr:
             return None, BadRecord("invalid_utf8", f"byte {uerr.start}: {uerr.reason}")
-        try:
-            return json.loads(text, parse_constant=_no_constant), None
-        except (ValueError, RecursionError):
-            return None, BadRecord("invalid_json", str(err))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+        return None, BadRecord("invalid_json", str(err))
 
 
 def _as_item(pos: int, value: Any, err: BadRecord | None, raw: bytes) -> Item:
@@ -103,6 +134,8 @@ def read_jsonl(lines: Iterator[bytes], counts: dict[str, int]) -> Iterator[Item]
             counts["blank_lines"] = counts.get("blank_lines", 0) + 1
             continue
         try:
+            if needs_exact(line):  # orjson would turn an integer past 64 bits into a float
+                raise decode_error("long digit run", "", 0)
             value = loads(line)
         except decode_error:
             value, err = parse_line(line)
@@ -140,15 +173,20 @@ def _csv_rows(reader: csv.DictReader) -> Iterator[Item]:
             yield pos, row, BadRecord("csv_extra_fields", f"{len(row[None])} more fields than the header"), None
             continue
         try:
-            for v in row.values():
+            for v in (*row, *row.values()):  # the header's names too: a bad byte there spoils every row
                 if v is not None and not v.isascii():
                     v.encode("utf-8")
         except UnicodeEncodeError as uerr:
-            raw = {k: (v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if v else v)
-                   for k, v in row.items()}
-            yield pos, None, BadRecord("invalid_utf8", f"character {uerr.start}: {uerr.reason}"), raw
+            raw = {_visible(k): _visible(v) for k, v in row.items()}
+            where = "the header" if v in row else "a cell"
+            yield pos, None, BadRecord("invalid_utf8", f"{where}, character {uerr.start}: {uerr.reason}"), raw
             continue
         yield pos, row, None, None
+
+
+def _visible(v: str | None) -> str | None:
+    """A surrogate-escaped bad byte back as a visible \\xNN escape (so the rejects file can hold it)."""
+    return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if v else v
 
 
 def read_parquet(path: Path) -> Iterator[Item]:
@@ -156,9 +194,33 @@ def read_parquet(path: Path) -> Iterator[Item]:
 
     index = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield index, row, None, None
-            index += 1
+        try:
+            rows = batch.to_pylist()
+        except ValueError:  # an invalid UTF-8 cell (UnicodeDecodeError): find its row, keep the others
+            yield from _parquet_rows_one_by_one(batch, index)
+        else:
+            for row in rows:
+                yield index, row, None, None
+                index += 1
+            continue
+        index += batch.num_rows
+
+
+def _parquet_rows_one_by_one(batch: Any, first: int) -> Iterator[Item]:
+    names = batch.schema.names
+    for i in range(batch.num_rows):
+        row, bad = {}, []
+        for name, column in zip(names, batch.columns):
+            try:
+                row[name] = column[i].as_py()
+            except ValueError as err:
+                bad.append(f"column {name!r}: {type(err).__name__}: {err}")
+                row[name] = None
+        if bad:
+            yield first + i, None, BadRecord("invalid_utf8", "; ".join(bad)), {k: v for k, v in row.items()
+                                                                                if v is not None}
+        else:
+            yield first + i, row, None, None
 
 
 def read_records(path: Path, counts: dict[str, int]) -> tuple[str, Iterator[Item]]:
@@ -192,5 +254,5 @@ def _guard(items: Iterator[Item], first: int) -> Iterator[Item]:
         for item in items:
             nxt = item[0] + 1
             yield item
-    except (OSError, EOFError, zlib.error, csv.Error, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever a reader raises, the file is unreadable from here on
         yield nxt, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None

@@ -3,13 +3,16 @@
 Rules (each broken rule is a reject reason counted in the summary):
     unknown role / non-string content ............ wrong_type, unknown_role
     a system message anywhere but first .......... system_not_first
-    empty user or system text .................... empty_content
+    empty user text .............................. empty_content   (an empty system message is kept)
     empty assistant text without tool calls ...... empty_assistant   (never trained on)
     tool calls on a non-assistant message ........ tool_calls_on_non_assistant
     a tool result with no assistant call before .. tool_without_call
     no assistant turn with text or tool calls .... no_assistant_turn
+    every assistant turn has loss false .......... nothing_supervised   (and no other turn has loss true)
+    grouped tool results with different loss ..... mixed_loss_in_turn  (the template renders them as one turn)
 Turns after the last assistant turn are dropped (counted as trailing_turns_dropped): the loss covers only
-assistant turns, so a trailing user or tool message would cost tokens and teach nothing.
+assistant turns, so a trailing user or tool message would cost tokens and teach nothing — unless the data
+asks for it to be trained (``loss: true``), in which case the turns up to it are kept.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
         raise BadRecord("no_messages", "the conversation is empty")
     last_assistant = -1
     after_call = False  # the previous message was an assistant tool call or a tool result
+    flagged = False  # some message carries a loss flag
     for i, m in enumerate(messages):
         role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls")
+        if "loss" in m:
+            flagged = True
         if not isinstance(content, str):
             raise BadRecord("wrong_type", f"message {i} ({role}): content is {type_name(content)}")
         if role == "assistant":
@@ -45,15 +51,30 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
             continue
         if role == "system" and i != 0:
             raise BadRecord("system_not_first", f"message {i} is a system message; only the first may be")
-        if not content or content.isspace():
+        # An empty system message is a common placeholder; the template renders it (an empty system turn).
+        if role != "system" and (not content or content.isspace()):
             raise BadRecord("empty_content", f"message {i} ({role}) has empty content")
         after_call = False
     if last_assistant < 0:
         raise BadRecord("no_assistant_turn", "no assistant message with text or tool calls")
-    if last_assistant < len(messages) - 1:
-        notes["trailing_turns_dropped"] += len(messages) - 1 - last_assistant
-        messages = messages[: last_assistant + 1]
+    keep = last_assistant
+    if flagged:
+        _check_loss_flags(messages)
+        keep = max(keep, max((i for i, m in enumerate(messages) if m.get("loss") is True), default=-1))
+    if keep < len(messages) - 1:
+        notes["trailing_turns_dropped"] += len(messages) - 1 - keep
+        messages = messages[: keep + 1]
     return messages
+
+
+def _check_loss_flags(messages: list[dict]) -> None:
+    flags = [m.get("loss") for m in messages]
+    if True not in flags and all(f is False for m, f in zip(messages, flags) if m["role"] == "assistant"):
+        raise BadRecord("nothing_supervised", "every assistant message has loss false: nothing would be trained")
+    for i in range(1, len(messages)):
+        if messages[i]["role"] == messages[i - 1]["role"] == "tool" and flags[i] != flags[i - 1]:
+            raise BadRecord("mixed_loss_in_turn", f"tool messages {i - 1} and {i} render as one turn but disagree "
+                            "on training")
 
 
 def build_record(messages: list[dict], tools: list[dict], system: str | None, notes: Counter) -> dict:

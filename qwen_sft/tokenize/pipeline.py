@@ -10,12 +10,15 @@ output is byte-identical to the single-process run.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +26,22 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from qwen_sft.atomic import atomic_open
+from qwen_sft.atomic import atomic_group
+from qwen_sft.data.exactjson import loads as exact_loads
 from qwen_sft.tokenize import stats as stats_mod
+from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
 from qwen_sft.tokenize.labels import IGNORE_INDEX, POLICIES, Policy
 from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
-from qwen_sft.tokenize.writers import format_of, jsonl_rows, open_writer
+from qwen_sft.tokenize.writers import SampleWriter, format_of, jsonl_rows
 from qwen_sft.tokenizer import DEFAULT_MODEL, load_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool
+BOM = b"\xef\xbb\xbf"
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without returning its chunk (killed by a signal, the OOM killer)."""
 
 
 @dataclass
@@ -97,13 +107,15 @@ def _process(chunk: list[tuple[int, bytes]], fmt: str) -> tuple[list, list, list
     bad: list[tuple[str, int, str, Any]] = []
     for line_no, raw in chunk:
         try:
-            sample = st.tokenize(orjson.loads(raw))
+            sample = st.tokenize(exact_loads(raw))
         except orjson.JSONDecodeError as err:
             bad.append(("reject", line_no, "invalid_json", str(err)))
         except RecordError as err:
             bad.append(("reject", line_no, err.reason, err.detail))
         except Overlong as err:
-            bad.append(("drop", line_no, err.reason, err.length))
+            bad.append(("drop" if err.exact else "drop_unmeasured", line_no, err.reason, err.length))
+        except Exception as err:  # noqa: BLE001 - one record's surprise (RecursionError, ...) is its reject only
+            bad.append(("reject", line_no, "unexpected_error", f"{type(err).__name__}: {err}"))
         else:
             kept.append((len(sample.input_ids), int(np.count_nonzero(sample.label != IGNORE_INDEX)), sample.cut))
             ids.append(sample.input_ids)
@@ -118,6 +130,8 @@ def _chunks(src: Path, size: int, stats: stats_mod.RunStats) -> Iterator[list[tu
     chunk: list[tuple[int, bytes]] = []
     with open(src, "rb") as fh:
         for line_no, raw in enumerate(fh, 1):
+            if line_no == 1 and raw.startswith(BOM):  # as convert reads it: a UTF-8 BOM is not part of the record
+                raw = raw[len(BOM):]
             if not raw.strip():
                 stats.blank_lines += 1
                 continue
@@ -138,24 +152,38 @@ def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterato
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     st = _WORKER
     paths = (st.renderer.plain, st.renderer.fast, st.encoder.name == "tiktoken")
-    with ctx.Pool(opts.workers, initializer=_init, initargs=(opts, paths)) as pool:
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker killed from outside (the OOM killer) breaks the
+    # executor and every pending result raises, where Pool replaces the worker and waits forever for its task.
+    pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init, initargs=(opts, paths))
+    try:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_process, (chunk, fmt)))
+            pending.append(pool.submit(_process, chunk, fmt))
             if len(pending) >= 4 * opts.workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise WorkerDied(
+            f"a tokenize worker process died (killed from outside: often the out-of-memory killer, see `dmesg`); "
+            f"nothing was written. Rerun with fewer --workers (now {opts.workers}) or on a machine with more memory"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _first_records(src: Path, n: int) -> list[Any]:
     records = []
     with open(src, "rb") as fh:
-        for raw in fh:
+        for line_no, raw in enumerate(fh, 1):
             if len(records) >= n:
                 break
+            if line_no == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if len(raw) > 1 << 20:  # a verification probe, not worth rendering a huge record for
+                continue
             try:
-                records.append(orjson.loads(raw))
+                records.append(exact_loads(raw))
             except orjson.JSONDecodeError:
                 continue
     return records
@@ -168,7 +196,9 @@ def tokenize_chatml_file(
     """Tokenize ``src`` (ChatML JSONL) into ``dst`` (.jsonl/.parquet/.arrow); return the statistics dict.
 
     Raises TokenizerLoadError when the tokenizer cannot be loaded and ValueError for bad options or paths.
-    Writes ``dst``, ``<dst>.rejects.jsonl``, ``<dst>.stats.json`` and ``<dst>.lengths.png``, each atomically.
+    Writes ``dst``, ``<dst>.rejects.jsonl``, ``<dst>.lengths.png``, ``<dst>.run.json`` and ``<dst>.stats.json``,
+    published together: old ones are removed first and stats.json comes last, so its presence means the set is
+    one run's. A worker that dies raises WorkerDied.
     """
     global _WORKER
     src, dst = Path(src), Path(dst)
@@ -187,37 +217,49 @@ def tokenize_chatml_file(
     _WORKER.verify(_first_records(src, opts.verify_records))
     # Recorded so a reader of stats.json knows which path produced the ids (both are verified identical).
     engines = {"encoder": _WORKER.encoder.name, "renderer": _WORKER.renderer.name}
+    # Which tokenizer and template made the data (sha256 of each): training refuses data made with another.
+    fingerprint = {**tokenizer_fingerprint(_WORKER.tok), "name_or_path": opts.model}
+    context = {"input": src.name, "options": asdict(opts), "engines": engines, "tokenizer": fingerprint}
     stats = stats_mod.RunStats()
-    rejects_path = dst.with_name(dst.name + ".rejects.jsonl")
+    side = stats_mod.side_paths(dst)
     bar = _progress_bar(src, opts.progress)
+    seconds = 0.0
     try:
-        with open_writer(dst) as writer, atomic_open(rejects_path, "wb") as rejects:
-            for kept, ids, labels, blob, bad in _results(_chunks(src, opts.chunk_size, stats), opts, fmt):
-                for length, supervised, cut in kept:
-                    stats.add_sample(length, supervised, cut)
-                for kind, line_no, reason, detail in bad:
-                    if kind == "reject":
-                        stats.rejected[reason] += 1
+        # All five files are published together (atomic_group): never the data of one run beside another's stats.
+        with atomic_group([dst, side["rejects"], side["plot"], side["run"], side["stats"]]) as tmp:
+            with open(tmp[0], "wb") as out, open(tmp[1], "wb") as rejects:
+                writer = SampleWriter(out, fmt)
+                for kept, ids, labels, blob, bad in _results(_chunks(src, opts.chunk_size, stats), opts, fmt):
+                    for length, supervised, cut in kept:
+                        stats.add_sample(length, supervised, cut)
+                    for kind, line_no, reason, detail in bad:
+                        if kind == "reject":
+                            stats.rejected[reason] += 1
+                        else:
+                            exact = kind == "drop"
+                            stats.add_drop(reason, detail, exact)
+                            detail = f"{'' if exact else 'at least '}{detail} tokens > max_len {opts.max_len}"
+                        rejects.write(orjson.dumps({"file": str(src), "line": line_no, "reason": reason,
+                                                    "detail": detail}, option=orjson.OPT_APPEND_NEWLINE))
+                    if blob:
+                        writer.write_serialized(blob, len(kept))
                     else:
-                        stats.add_drop(reason, detail)
-                        detail = f"{detail} tokens > max_len {opts.max_len}"
-                    rejects.write(orjson.dumps({"file": str(src), "line": line_no, "reason": reason, "detail": detail},
-                                               option=orjson.OPT_APPEND_NEWLINE))
-                if blob:
-                    writer.write_serialized(blob, len(kept))
-                else:
-                    writer.write(ids, labels)
-                bar.update(len(kept) + len(bad))
+                        writer.write(ids, labels)
+                    bar.update(len(kept) + len(bad))
+                writer.close()
+            stats.check()
+            seconds = time.perf_counter() - t0
+            # stats.json holds only what the data and options decide (byte-identical for identical runs);
+            # where the files were and how long it took go to run.json.
+            stats_mod.save(stats, dst, opts.max_len, json_path=tmp[4], png_path=tmp[2], **context)
+            run = {"input": str(src.resolve()), "output": str(dst.resolve()), "seconds": round(seconds, 3)}
+            tmp[3].write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     finally:
         bar.close()
         _WORKER = None
-    stats.check()
-    seconds = time.perf_counter() - t0
-    context = {"input": str(src), "output": str(dst), "options": asdict(opts), "engines": engines,
-               "seconds": round(seconds, 3)}
-    stats_mod.save(stats, dst, opts.max_len, **context)
     print(stats.summary(), file=sys.stderr)
-    return stats.to_dict(max_len=opts.max_len, **context)
+    where = {"input": str(src), "output": str(dst), "seconds": round(seconds, 3)}
+    return stats.to_dict(max_len=opts.max_len, **{**context, **where})
 
 
 def _progress_bar(src: Path, enabled: bool):

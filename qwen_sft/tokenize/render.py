@@ -41,12 +41,19 @@ def _tool_call(call: Any, where: str) -> dict:
     if isinstance(args, str):
         # Hand-written ChatML often keeps OpenAI's JSON-string arguments; the template needs a mapping.
         try:
-            args = json.loads(args) if args.strip() else {}
+            args = json.loads(args, parse_constant=_no_constant) if args.strip() else {}
         except json.JSONDecodeError as err:
             raise RecordError("bad_tool_arguments", f"{where}.arguments is not JSON ({err.msg})") from None
+        except RecursionError:
+            raise RecordError("bad_tool_arguments", f"{where}.arguments are nested too deeply to parse") from None
     if not isinstance(args, dict):
         raise RecordError("bad_tool_arguments", f"{where}.arguments is {type(args).__name__}, expected an object")
     return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _no_constant(name: str) -> Any:
+    # NaN/Infinity are not JSON: convert rejects them, so tokenize does too (same decision on the same record)
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def normalize_record(record: Any, special_tokens: tuple[str, ...]) -> tuple[list[dict], list[dict] | None]:
@@ -69,6 +76,10 @@ def normalize_record(record: Any, special_tokens: tuple[str, ...]) -> tuple[list
         if role not in ROLES:
             raise RecordError("bad_role", f"{where}.role={role!r}, expected one of {', '.join(ROLES)}")
         content = msg.get("content")
+        if content is None and role != "tool" and not (role == "assistant" and msg.get("tool_calls")):
+            # convert's rule (validate.py): null is "" and only a tool result or a pure tool call may be empty
+            reason = "empty_assistant" if role == "assistant" else "empty_content"
+            raise RecordError(reason, f"{where} ({role}) has content null")
         content = "" if content is None else content
         if not isinstance(content, str):
             raise RecordError("bad_content", f"{where}.content is {type(content).__name__}, expected a string")

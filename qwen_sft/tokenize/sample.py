@@ -36,10 +36,11 @@ class Sample:
 class Overlong(Exception):
     """The sample is longer than max_len and the policy drops it."""
 
-    def __init__(self, length: int, reason: str = "overlength") -> None:
-        super().__init__(f"{length} tokens")
-        self.length = length
+    def __init__(self, length: int, reason: str = "overlength", exact: bool = True) -> None:
+        super().__init__(f"{length} tokens" if exact else f"at least {length} tokens")
+        self.length = length  # with exact=False a lower bound: the record was never tokenized
         self.reason = reason
+        self.exact = exact
 
 
 class SampleTokenizer:
@@ -53,6 +54,7 @@ class SampleTokenizer:
         self.max_len, self.policy, self.overlength = max_len, policy, overlength
         self.renderer = Renderer(tok)
         self.encoder = Encoder(tok, engine)
+        self.max_token_bytes = max(int(self.encoder.byte_len.max()), 1)
         self.special = tuple(t.content for t in tok.added_tokens_decoder.values() if t.special)
         vocab = tok.get_vocab()
         self.call_open, self.call_close = vocab.get("<tool_call>", -1), vocab.get("</tool_call>", -1)
@@ -71,7 +73,7 @@ class SampleTokenizer:
         for record in records:
             try:
                 rendered.append(self.render(record))
-            except RecordError:
+            except Exception:  # noqa: BLE001 - a record that cannot render is the run's reject, not a probe
                 continue
         self.renderer.verify([(m, t) for _, m, t in rendered])
         self.encoder.verify([text for text, _, _ in rendered])
@@ -80,6 +82,11 @@ class SampleTokenizer:
         text, messages, _ = self.render(record)
         text = self.encoder.normalize(text)
         data = text.encode()
+        # Tokens concatenate to these bytes and none is longer than max_token_bytes: a text that must be over
+        # max_len even so is dropped before tokenizing (a 50 MB turn took minutes and GBs only to be dropped).
+        at_least = -(-len(data) // self.max_token_bytes)
+        if at_least > self.max_len and self.overlength == "drop":
+            raise Overlong(at_least, exact=False)
         turns = parse_turns(data)
         owners = align_turns(turns, messages)
         spans = supervised_spans(turns, owners, [m["role"] for m in messages], loss_flags(record), self.policy)

@@ -50,6 +50,7 @@ class RunStats:
     truncated: Counter = field(default_factory=Counter)
     lengths: Counter = field(default_factory=Counter)
     dropped_lengths: Counter = field(default_factory=Counter)
+    dropped_unmeasured: int = 0  # dropped as over max_len from their byte length alone (see sample.py)
 
     def add_sample(self, length: int, supervised: int, cut: str) -> None:
         self.samples_written += 1
@@ -59,9 +60,13 @@ class RunStats:
         if cut:
             self.truncated[cut] += 1
 
-    def add_drop(self, reason: str, length: int) -> None:
+    def add_drop(self, reason: str, length: int, exact: bool = True) -> None:
+        """``exact=False``: ``length`` is only a lower bound (measured from bytes, never tokenized)."""
         self.dropped[reason] += 1
-        self.dropped_lengths[length] += 1
+        if exact:
+            self.dropped_lengths[length] += 1
+        else:
+            self.dropped_unmeasured += 1
 
     def check(self) -> None:
         total = self.samples_written + sum(self.rejected.values()) + sum(self.dropped.values())
@@ -82,6 +87,7 @@ class RunStats:
             "dropped": dict(sorted(self.dropped.items())),
             "dropped_length_percentiles": _percentiles(self.dropped_lengths),
             "dropped_lengths": {str(k): v for k, v in sorted(self.dropped_lengths.items())},
+            "dropped_unmeasured": self.dropped_unmeasured,
             "truncated": dict(sorted(self.truncated.items())),
         }
 
@@ -98,11 +104,23 @@ class RunStats:
         return "\n".join(lines)
 
 
-def save(stats: RunStats, output: Path, max_len: int, /, **context: Any) -> tuple[Path, Path]:
-    """Write ``<output>.stats.json`` and the length histogram ``<output>.lengths.png``."""
-    json_path = output.with_name(output.name + ".stats.json")
-    png_path = output.with_name(output.name + ".lengths.png")
-    with atomic_open(json_path) as fh:
+def side_paths(output: Path) -> dict[str, Path]:
+    """The files written beside a tokenized ``output``; ``stats`` is written last and means the set is complete."""
+    return {kind: output.with_name(f"{output.name}.{suffix}") for kind, suffix in
+            (("rejects", "rejects.jsonl"), ("plot", "lengths.png"), ("run", "run.json"), ("stats", "stats.json"))}
+
+
+def save(stats: RunStats, output: Path, max_len: int, /, json_path: Path | None = None, png_path: Path | None = None,
+         **context: Any) -> tuple[Path, Path]:
+    """Write ``<output>.stats.json`` and the length histogram ``<output>.lengths.png`` (or to the paths given).
+
+    Only what the data and the options decide goes into stats.json, so two identical runs write identical
+    bytes; timings and where the files were go into ``<output>.run.json`` (pipeline.py).
+    """
+    direct = json_path is not None
+    json_path = json_path or side_paths(output)["stats"]
+    png_path = png_path or side_paths(output)["plot"]
+    with (open(json_path, "w", encoding="utf-8") if direct else atomic_open(json_path)) as fh:
         json.dump(stats.to_dict(max_len=max_len, **context), fh, indent=2)
         fh.write("\n")
     import matplotlib
@@ -121,7 +139,8 @@ def save(stats: RunStats, output: Path, max_len: int, /, **context: Any) -> tupl
     ax.set_title(f"{output.name}: {stats.samples_written:,} samples, {stats.tokens:,} tokens")
     ax.legend()
     fig.tight_layout()
-    with atomic_open(png_path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=100)
+    with (open(png_path, "wb") if direct else atomic_open(png_path, "wb")) as fh:
+        # No timestamp or version in the PNG, so the plot too is the same bytes for the same data.
+        fig.savefig(fh, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
     return json_path, png_path
