@@ -183,7 +183,11 @@ def run(config: Config) -> dict:
     setup_reporting(t)
     if config.run.dry_run:
         log(f"dry run: config and data valid; would train {m.model_name_or_path} into {t.output_dir}")
-        return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats}
+        from qwen_sft.trace.rehearse import rehearse  # traces the step on fake tensors (qwen_sft/trace)
+
+        rehearsal = rehearse(config, model_config, datasets["train"]) if config.run.gpu_memory != "off" else {}
+        return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats,
+                "rehearsal": rehearsal}
     if checked["download"]:
         # Validation and data passed; now the weights (tens of GB for the 30B model), with progress bars.
         log(f"{checked['download']}: weights not in the cache {download.hub_cache(m.cache_dir)}; downloading")
