@@ -88,9 +88,11 @@ def test_packed_loss_and_gradients_equal_unpacked(fp32_model):
     model.zero_grad()
 
 
-def test_loss_is_per_token_over_the_accumulation_window(fp32_model, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_loss_is_per_token_over_the_accumulation_window(fp32_model, tiny_model_dir, tmp_path, chunked):
     """One SGD step (lr 1, no clipping) over 2 micro-batches × 2 samples moves each weight by exactly
-    -grad of (sum of token losses over all 4 samples) / (their supervised tokens)."""
+    -grad of (sum of token losses over all 4 samples) / (their supervised tokens), with the chunked loss
+    (the default) and with the model's own."""
     from transformers import TrainingArguments
 
     from qwen_sft.train.trainer import SFTTrainer
@@ -117,7 +119,8 @@ def test_loss_is_per_token_over_the_accumulation_window(fp32_model, tiny_model_d
                              max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
                              max_grad_norm=0.0, weight_decay=0.0, use_cpu=True, report_to="none", save_strategy="no",
                              remove_unused_columns=False, logging_steps=1, seed=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=samples, data_collator=make_collator(True, PAD))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=samples, data_collator=make_collator(True, PAD),
+                         chunked_loss=chunked, loss_chunk_tokens=16)
     trainer.train()
     for n in watched:
         step = before[n] - params[n].detach()

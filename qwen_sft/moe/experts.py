@@ -45,6 +45,17 @@ def grouped_mm_usable(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
 
 
+DEFAULT_MAX_ROUTED_ROWS = 65_536  # 8K tokens at top-8: ~0.5 GiB of bf16 intermediates per tile for 30B-A3B
+
+
+def token_tiles(num_tokens: int, top_k: int, max_routed_rows: int | None) -> list[tuple[int, int]]:
+    """Token ranges whose routed rows (``tokens x top_k``) stay within ``max_routed_rows``; one range when they fit."""
+    if not max_routed_rows or num_tokens * top_k <= max_routed_rows:
+        return [(0, num_tokens)]
+    per_tile = max(max_routed_rows // top_k, 1)
+    return [(a, min(a + per_tile, num_tokens)) for a in range(0, num_tokens, per_tile)]
+
+
 class _GroupOps:
     """Per-group matmuls over rows grouped by expert: one grouped GEMM each, or a loop over experts."""
 
@@ -195,6 +206,10 @@ class ExpertEngine(nn.Module):
         self.lora_scaling: dict[str, float] = {}
         self.grouped_mm: bool | None = None  # None: grouped GEMM when the shapes allow it, else a loop
         self.compute_dtype: torch.dtype | None = None  # dtype of the expert matmuls; None: the input's
+        # Routed rows (tokens x top_k) per tile: a longer micro-batch runs in token tiles, each recomputed in
+        # backward, so one layer holds one tile's intermediates (and no kernel sees >= 2**31 elements: the
+        # 30B-A3B's gate_up intermediate reaches that near 175K tokens untiled). None: never tile.
+        self.max_routed_rows: int | None = DEFAULT_MAX_ROUTED_ROWS
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.grouped_mm is False:
@@ -234,6 +249,18 @@ class ExpertEngine(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        tiles = token_tiles(top_k_index.shape[0], top_k_index.shape[1], self.max_routed_rows)
+        if len(tiles) == 1:
+            return self._forward_tile(hidden_states, top_k_index, top_k_weights)
+        from torch.utils.checkpoint import checkpoint
+
+        # Experts act on each token alone, so the tiles' outputs concatenate to the untiled output.
+        run = (lambda *a: checkpoint(self._forward_tile, *a, use_reentrant=False)) if torch.is_grad_enabled() \
+            else self._forward_tile
+        return torch.cat([run(hidden_states[a:b], top_k_index[a:b], top_k_weights[a:b]) for a, b in tiles])
+
+    def _forward_tile(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)

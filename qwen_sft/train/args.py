@@ -117,6 +117,40 @@ class RunArguments:
     )
     loss_curve: bool = field(default=True, metadata={"help": "Write loss_curve.png into output_dir at the end."})
 
+    # --- long sequences (docs/train.md "Long trajectories"; checked by long_sequence_conflicts) -----------------
+    chunked_loss: bool = field(
+        default=True, metadata={"help": "Cross-entropy a chunk of supervised tokens at a time from the final hidden "
+                                        "states: the full tokens x vocab logits never exist. false: the model's own "
+                                        "loss over full logits."}
+    )
+    loss_chunk_tokens: int = field(
+        default=1024, metadata={"help": "Tokens per lm_head chunk of the chunked loss (~10 bytes x vocab each)."}
+    )
+    token_budget_batching: bool = field(
+        default=False, metadata={"help": "Micro-batches by token budget (best-fit-decreasing on length, never "
+                                         "splitting a sample) instead of per_device_train_batch_size samples. "
+                                         "Implied by --max_tokens_per_batch."}
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None, metadata={"help": "Token budget of one packed micro-batch (default model_max_length). A "
+                                        "sample longer than the budget is trained alone."}
+    )
+    offload_activations: bool = field(
+        default=False, metadata={"help": "Keep the activations saved at gradient-checkpoint boundaries in host "
+                                         "memory (transformers' checkpoint offload); needs gradient checkpointing."}
+    )
+    expert_tile_rows: int = field(
+        default=65_536, metadata={"help": "Expert engine: routed rows (tokens x top-k) per tile; a longer micro-batch "
+                                          "runs its experts tile by tile, each recomputed in backward. 0: never tile."}
+    )
+    sp_size: int = field(
+        default=1, metadata={"help": "Sequence-parallel degree (Ulysses). Only 1 is supported for now."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_batch is not None:
+            self.token_budget_batching = True
+
 
 @dataclass
 class Config:
@@ -127,6 +161,29 @@ class Config:
     run: RunArguments
     training: object  # transformers.TrainingArguments (imported lazily: it pulls in torch)
     origins: dict[str, str]
+
+
+def long_sequence_conflicts(data: DataArguments, run: RunArguments, training: object) -> list[str]:
+    """Every contradiction among the long-sequence options and the rest, one line each (empty: none).
+    ``training`` is the TrainingArguments after the recipe's defaults (checkpointing on for LoRA)."""
+    problems = []
+    if run.loss_chunk_tokens < 1:
+        problems.append(f"loss_chunk_tokens must be >= 1, got {run.loss_chunk_tokens}")
+    if run.max_tokens_per_batch is not None and run.max_tokens_per_batch < 1:
+        problems.append(f"max_tokens_per_batch must be >= 1, got {run.max_tokens_per_batch}")
+    if run.token_budget_batching and not data.packing:
+        problems.append("token_budget_batching / max_tokens_per_batch packs samples into one row: it needs "
+                        "packing=true (packing=false pads to the longest sample)")
+    if run.offload_activations and not getattr(training, "activation_checkpointing", False):
+        problems.append("offload_activations=true offloads what gradient checkpointing saves: it needs "
+                        "gradient_checkpointing=true")
+    if run.expert_tile_rows < 0:
+        problems.append(f"expert_tile_rows must be >= 0 (0: never tile), got {run.expert_tile_rows}")
+    if run.sp_size != 1:
+        problems.append(f"sp_size={run.sp_size}: sequence parallelism is not implemented in this release "
+                        f"(docs/train.md \"Long trajectories\" says what remains); use sp_size=1 with "
+                        f"chunked_loss, token-budget batching and offload_activations")
+    return problems
 
 
 def _init_deepspeed_cpu(deepspeed: object) -> None:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
-from qwen_sft.train.args import Config, describe
+from qwen_sft.train.args import Config, describe, long_sequence_conflicts
 from qwen_sft.train.data import DataStats, load_tokenized
 from qwen_sft.train.model import (
     apply_lora,
@@ -112,7 +112,7 @@ def run(config: Config) -> dict:
 
     from qwen_sft.tokenizer import load_tokenizer
 
-    m, d, t = config.model, config.data, config.training
+    m, d, t, r = config.model, config.data, config.training, config.run
     log("configuration (explicit values and where they came from):")
     for line in describe(config):
         log(line if "token" not in line.split("=")[0] else line.split("=")[0] + "= <hidden>")
@@ -122,12 +122,18 @@ def run(config: Config) -> dict:
     tokenizer = load_tokenizer(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
     if m.use_peft:
         read_lora_config(m.peft_config_path)
-    if m.use_peft and t.gradient_checkpointing is None:
-        t.gradient_checkpointing = True
+    # TrainingArguments resolves an unset gradient_checkpointing to False (never None) and Trainer reads the
+    # activation_checkpointing* names: decide the LoRA default from whether the user set either name.
+    if m.use_peft and not {"gradient_checkpointing", "activation_checkpointing"} & set(config.origins):
+        t.activation_checkpointing = t.gradient_checkpointing = True
         log("gradient_checkpointing=True (default for LoRA/QLoRA)")
-    if t.gradient_checkpointing:
+    if t.activation_checkpointing:
         # Non-reentrant: works with frozen inputs and with the MoE's data-dependent routing.
-        t.gradient_checkpointing_kwargs = {"use_reentrant": False, **(t.gradient_checkpointing_kwargs or {})}
+        kwargs = {"use_reentrant": False, **(t.activation_checkpointing_kwargs or {})}
+        t.activation_checkpointing_kwargs = t.gradient_checkpointing_kwargs = kwargs
+    conflicts = long_sequence_conflicts(d, r, t)
+    if conflicts:
+        raise ValueError("conflicting options:\n  " + "\n  ".join(conflicts))
     datasets, stats = {}, {}
     with t.main_process_first(desc="convert and validate data"):
         for split, path in (("train", d.data_path), ("eval", d.eval_data_path)):
@@ -138,6 +144,17 @@ def run(config: Config) -> dict:
                 log(ds.stats.summary())
     if not len(datasets["train"]):
         raise ValueError(f"{d.data_path}: no training row left after validation ({datasets['train'].stats})")
+    budget = (r.max_tokens_per_batch or d.model_max_length) if r.token_budget_batching else None
+    if budget is not None:
+        from qwen_sft.train.batching import TokenBudgetBatchSampler
+
+        train = datasets["train"]
+        packed = TokenBudgetBatchSampler(train.lengths(), budget, supervised_tokens=train.stats.supervised_tokens)
+        stats["train"]["batching"] = packed.stats.to_dict()
+        log(packed.stats.summary())
+        if t.per_device_train_batch_size != 1:
+            log(f"per_device_train_batch_size={t.per_device_train_batch_size} does not apply with token-budget "
+                f"batching: each micro-batch holds as many samples as fit {budget} tokens")
     resume = resolve_resume(t)
     setup_reporting(t)
     if config.run.dry_run:
@@ -149,8 +166,13 @@ def run(config: Config) -> dict:
     model.router_aux_loss_coef = 0.0  # added by SFTTrainer, scaled for gradient accumulation
     lora_info = None
     if m.use_peft:
-        model, lora_info = apply_lora(model, m, bool(t.gradient_checkpointing))
+        model, lora_info = apply_lora(model, m, bool(t.activation_checkpointing))
     freeze_router(model, m.train_router)
+    if lora_info and lora_info["expert_engine"]:
+        from qwen_sft.moe.lora import expert_engines
+
+        for engine_module in expert_engines(model).values():
+            engine_module.max_routed_rows = r.expert_tile_rows or None
     groups = parameter_groups(model)
     log("parameters by group:")
     for line in format_groups(groups):
@@ -171,7 +193,9 @@ def run(config: Config) -> dict:
         callbacks.append(ExpertAdapterCallback())  # peft's save_pretrained drops the expert factors
     trainer = SFTTrainer(model=model, args=t, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
                          data_collator=make_collator(d.packing, tokenizer.pad_token_id),
-                         processing_class=tokenizer, router_aux_loss_coef=coef, callbacks=callbacks)
+                         processing_class=tokenizer, router_aux_loss_coef=coef, callbacks=callbacks,
+                         chunked_loss=r.chunked_loss, loss_chunk_tokens=r.loss_chunk_tokens,
+                         max_tokens_per_batch=budget, offload_activations=r.offload_activations)
     result = trainer.train(resume_from_checkpoint=resume)
     # --- save ----------------------------------------------------------------------------------------
     trainer.save_model(str(out))

@@ -3,13 +3,17 @@ loss on its own, a loss-curve PNG, and the run's config / data statistics / chat
 
 Used by ``qwen_sft.train.run``; see docs/train.md.
 
-Loss normalisation: the model receives ``num_items_in_batch`` (supervised targets over the whole
+Loss: chunked cross-entropy by default (qwen_sft/train/loss.py: the lm_head runs a chunk of supervised tokens at
+a time, the full logits never exist); ``chunked_loss=False`` asks the model for its own loss and full logits.
+Micro-batches: by token budget when ``max_tokens_per_batch`` is given (qwen_sft/train/batching.py), else by
+sample count. Normalisation either way: the model receives ``num_items_in_batch`` (supervised targets over the whole
 gradient-accumulation window, summed over ranks) and divides the summed token losses by it, so every
 supervised token weighs the same however the tokens fall into micro-batches (tests/test_train_loss.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -20,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qwen_sft.atomic import atomic_open
+from qwen_sft.train.loss import DEFAULT_CHUNK_TOKENS, causal_lm, chunked_lm_loss, forward_hidden
 
 ARTIFACTS = ("train_config.yaml", "data_stats.json", "trainable_params.json", "chat_template.jinja")
 
@@ -31,9 +36,14 @@ def peak_memory_gib() -> float:
 
 
 class SFTTrainer(Trainer):
-    def __init__(self, *args, router_aux_loss_coef: float = 0.0, **kwargs) -> None:
+    def __init__(self, *args, router_aux_loss_coef: float = 0.0, chunked_loss: bool = True,
+                 loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_tokens_per_batch: int | None = None,
+                 offload_activations: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
+        self.max_tokens_per_batch, self.offload_activations = max_tokens_per_batch, offload_activations
+        self.batching_stats: dict | None = None
         self._tokens = self._supervised = 0
         self._aux_sum, self._aux_n = 0.0, 0
         self._last_log = time.perf_counter()
@@ -43,7 +53,17 @@ class SFTTrainer(Trainer):
             mask = inputs.get("attention_mask")
             self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             self._supervised += int((inputs["labels"][..., 1:] != -100).sum())
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # Offload: what autograd saves outside the checkpointed layers (with checkpointing on: each layer's input,
+        # layers x tokens x hidden) goes to host memory, pinned when there is a GPU, and comes back in backward.
+        # PyTorch's save_on_cpu rather than transformers' offload=True, which insists on pinned memory (no CPU run).
+        offload = self.offload_activations and model.training and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
+                else contextlib.nullcontext():
+            if self.chunked_loss and "labels" in inputs:
+                loss, outputs = self._chunked_compute_loss(model, inputs, num_items_in_batch)
+            else:
+                loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                     num_items_in_batch=num_items_in_batch)
         aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         if aux is not None and self.router_aux_loss_coef > 0:
             # The model's own `loss += coef * aux` is disabled (coef 0 on the model) because the LM loss arrives
@@ -53,6 +73,46 @@ class SFTTrainer(Trainer):
             self._aux_sum += float(aux.detach())
             self._aux_n += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _chunked_compute_loss(self, model, inputs, num_items_in_batch):
+        """What ``Trainer.compute_loss`` does for a causal LM, with the loss of qwen_sft.train.loss."""
+        causal = causal_lm(self.accelerator.unwrap_model(model))
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        hidden, outputs = forward_hidden(model, causal, inputs)
+        loss = chunked_lm_loss(hidden, causal.lm_head, labels, position_ids=inputs.get("position_ids"),
+                               num_items_in_batch=num_items_in_batch, chunk_tokens=self.loss_chunk_tokens)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs \
+                and num_items_in_batch is not None:
+            # Same as Trainer: num_items_in_batch is summed over ranks, DDP averages the gradients.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
+        return loss, outputs
+
+    def get_train_dataloader(self):
+        if self.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        from qwen_sft.train.batching import TokenBudgetBatchSampler
+
+        ds = self.train_dataset
+        lengths = ds.lengths() if hasattr(ds, "lengths") else [len(s["input_ids"]) for s in ds]
+        supervised = getattr(getattr(ds, "stats", None), "supervised_tokens", 0)
+        sampler = TokenBudgetBatchSampler(lengths, self.max_tokens_per_batch, seed=self.args.seed,
+                                          num_replicas=self.args.world_size, rank=self.args.process_index,
+                                          supervised_tokens=supervised)
+        self.batching_stats = sampler.stats.to_dict()
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+                            persistent_workers=self.args.dataloader_persistent_workers and
+                            self.args.dataloader_num_workers > 0)
+        loader = self.accelerator.prepare(loader)
+        # The sampler is already rank-aware; accelerate's BatchSamplerShard would shard it a second time.
+        wrapper = getattr(loader, "batch_sampler", None)
+        if wrapper is not None and getattr(wrapper, "batch_sampler", None) is sampler:
+            wrapper.num_processes, wrapper.process_index = 1, 0
+        return loader
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from qwen_sft.moe.lora import expert_engines
