@@ -14,6 +14,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_flags
     from qwen_sft.train.data import DataError
     from qwen_sft.train.run import run
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_flags(argv)  # argparse prints usage and exits 2 on bad flags
     try:
         run(config)
-    except DataError as exc:
+    except (DataError, RehearsalError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 1
     return 0

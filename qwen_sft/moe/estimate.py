@@ -3,12 +3,16 @@
     qwen-sft estimate ../shared/spec/qwen3-coder-30b-a3b-instruct/config.json --mode qlora
     qwen-sft estimate ./tiny-qwen3-moe --mode lora --seq 4096 --batch 2 --lora-r 16
     qwen-sft estimate CONFIG --mode full --gpus 8 --zero 3 --offload
+    qwen-sft estimate ../shared/spec/qwen3-coder-30b-a3b-instruct/config.json --mode qlora --seq 2048 --trace
 
 Counts every parameter tensor from the config (no weights are read), prices each component in the
 storage this project uses (NF4 experts through the expert engine and NF4 attention through
 bitsandbytes for qlora; bf16 otherwise; LoRA factors, their gradients and AdamW state in fp32), adds
 activations with and without gradient checkpointing and the logits at the loss, and prints the total
 per GPU next to the seed README's VRAM table. The formulas are in docs/moe.md.
+
+``--trace`` measures instead of computing: the real training step on fake tensors at the real size
+(qwen_sft/trace), printed next to these formulas with the ratio of each row.
 """
 
 from __future__ import annotations
@@ -143,8 +147,9 @@ class Estimate:
     params_total: int = 0
     params_experts: int = 0
     params_active: int = 0
-    activations_ckpt: int = 0
+    activations_ckpt: int = 0  # checkpointed layer inputs + one layer recomputed
     activations_full: int = 0
+    activations_inputs: int = 0  # the checkpointed layer inputs alone (live at the loss)
     logits: int = 0
     dequant_chunk: int = 0  # the engine's transient bf16 weights of one chunk of experts (qlora)
 
@@ -152,13 +157,24 @@ class Estimate:
     def static_bytes(self) -> int:
         return sum(r[3] for r in self.rows)
 
+    flops: int = 0  # per optimizer step, forward + backward (+ recomputation), causal attention counted once
+
+    def peak(self, checkpointing: bool) -> int:
+        """Peak allocated: the larger of the two moments the trace finds. At the start of backward the loss holds
+        its logits and their gradients beside every saved activation; later, one layer is recomputed (its full
+        activations) and the engine holds a dequantized chunk, while the logits are gone."""
+        if not checkpointing:
+            return self.static_bytes + self.activations_full + self.logits
+        at_loss = self.activations_inputs + self.logits
+        in_layer = self.activations_ckpt + self.dequant_chunk
+        return self.static_bytes + max(at_loss, in_layer)
+
     def total(self, checkpointing: bool) -> int:
-        act = self.activations_ckpt if checkpointing else self.activations_full
-        return self.static_bytes + act + self.logits + self.dequant_chunk + CUDA_OVERHEAD_BYTES
+        return self.peak(checkpointing) + CUDA_OVERHEAD_BYTES
 
 
-def activation_bytes(m: ModelShape, o: Options) -> tuple[int, int]:
-    """(with checkpointing, without) bf16 activation bytes kept for backward; per-token element counts below."""
+def activation_bytes(m: ModelShape, o: Options) -> tuple[int, int, int]:
+    """(with checkpointing, without, layer inputs alone) bf16 activation bytes kept for backward."""
     tokens = o.seq * o.batch
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     # attention: norm in/out, q/k/v before and after norm+rope, attention out + its input to o_proj, residual
@@ -169,8 +185,35 @@ def activation_bytes(m: ModelShape, o: Options) -> tuple[int, int]:
     per_layer = [attn + (moe if i < m.moe_layers else dense) for i in range(m.layers)]
     full = 2 * tokens * sum(per_layer)
     # checkpointing keeps each layer's input, and recomputes one layer at a time (its full set, transiently)
-    ckpt = 2 * tokens * (m.layers * m.hidden + max(per_layer))
-    return ckpt, full
+    inputs = 2 * tokens * m.layers * m.hidden
+    ckpt = inputs + 2 * tokens * max(per_layer)
+    return ckpt, full, inputs
+
+
+def step_flops(m: ModelShape, o: Options, checkpointing: bool = True) -> int:
+    """FLOPs of one optimizer step: matmuls at 2 per multiply-add; a frozen weight costs forward + input gradient
+    (2x forward), a trained one 3x; checkpointing recomputes each layer's forward; causal attention is half of
+    the full S x S product, its backward 2.5x its forward (flash attention's five matmuls)."""
+    t = o.seq * o.batch
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    attn_w = m.hidden * (q + 2 * kv) + q * m.hidden
+    mlp_w = [m.active * 3 * m.moe_intermediate * m.hidden + m.experts * m.hidden if i < m.moe_layers
+             else 3 * m.hidden * m.intermediate for i in range(m.layers)]
+    layer_fwd = sum(2 * t * (attn_w + w) for w in mlp_w)
+    attn_fwd = m.layers * 2 * o.seq * o.seq * o.batch * q  # QK^T and PV, causal half: 2 * (2 S^2 d / 2)
+    head_fwd = 2 * t * m.hidden * m.vocab
+    recompute = 1 if checkpointing else 0
+    if o.mode == "full":
+        matmul = layer_fwd * (3 + recompute) + head_fwd * 3
+    else:
+        matmul = layer_fwd * (2 + recompute) + head_fwd * 2
+        r = o.lora_r
+        lora_tok = m.layers * r * ((m.hidden + q) + 2 * (m.hidden + kv) + (q + m.hidden))
+        if o.expert_lora and m.experts:
+            lora_tok += m.moe_layers * m.active * r * (m.hidden + 2 * m.moe_intermediate + m.moe_intermediate
+                                                       + m.hidden)
+        matmul += 2 * t * lora_tok * (3 + recompute)
+    return matmul + int(attn_fwd * (1 + recompute + 2.5))
 
 
 def estimate(m: ModelShape, o: Options) -> Estimate:
@@ -201,9 +244,11 @@ def estimate(m: ModelShape, o: Options) -> Estimate:
     opt_name = "optimizer state (" + ("AdamW, fp32 master)" if o.mode == "full" else f"{o.optim})")
     est.rows.append((opt_name, trainable, "cpu" if o.offload else ("int8" if o.optim == "adamw8bit" else "fp32"),
                      opt_bytes))
-    est.activations_ckpt, est.activations_full = activation_bytes(m, o)
-    # bf16 logits, their fp32 upcast inside the loss, and the fp32 gradient: the transient peak at the loss.
-    est.logits = o.seq * o.batch * m.vocab * (2 + 4 + 4)
+    est.activations_ckpt, est.activations_full, est.activations_inputs = activation_bytes(m, o)
+    # At the start of backward, in transformers' loss: 12 bytes per logit, as the trace measures (fp32 logits
+    # 4, their log-softmax gradient 4, its fp32 copy 4; the bf16 logits are released by then).
+    est.logits = o.seq * o.batch * m.vocab * 12
+    est.flops = step_flops(m, o)
     if o.mode == "qlora" and m.moe_layers:
         # ExpertEngine dequantizes at most chunk_experts (32) experts' gate_up + down at a time, in bf16.
         est.dequant_chunk = 2 * min(32, m.experts) * 3 * m.moe_intermediate * m.hidden
@@ -239,7 +284,7 @@ def render(m: ModelShape, o: Options, est: Estimate, source: str) -> str:
     lines += [
         f"{'activations, gradient checkpointing':<44}{'':>16}  {'bf16':<8}{_gib(est.activations_ckpt):>9}",
         f"{'activations, no checkpointing':<44}{'':>16}  {'bf16':<8}{_gib(est.activations_full):>9}",
-        f"{'logits at the loss (bf16 + fp32 + grad)':<44}{'':>16}  {'':<8}{_gib(est.logits):>9}",
+        f"{'logits at the loss (12 bytes per logit)':<44}{'':>16}  {'':<8}{_gib(est.logits):>9}",
         f"{'dequantized expert chunk (transient)':<44}{'':>16}  {'bf16':<8}{_gib(est.dequant_chunk):>9}",
         f"{'CUDA context + workspace (assumed)':<44}{'':>16}  {'':<8}{_gib(CUDA_OVERHEAD_BYTES):>9}",
         "",
@@ -247,6 +292,8 @@ def render(m: ModelShape, o: Options, est: Estimate, source: str) -> str:
         f"({est.total(True) / 1e9:.1f} GB)",
         f"total per GPU without checkpointing:      {est.total(False) / GiB:.2f} GiB "
         f"({est.total(False) / 1e9:.1f} GB)",
+        f"FLOPs per optimizer step (checkpointing): {est.flops / 1e12:.1f} TFLOP, "
+        f"{est.flops / (o.seq * o.batch) / 1e9:.2f} GFLOP per token",
         "",
         "seed README VRAM table (QLoRA | LoRA | Full FT):",
     ]
@@ -271,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-expert-lora", action="store_true", help="LoRA on attention only")
     p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
                    help="optimizer of the LoRA modes (adamw8bit: bitsandbytes 8-bit AdamW state)")
+    t = p.add_argument_group("--trace: measure one training step on fake tensors (qwen_sft/trace)")
+    t.add_argument("--trace", action="store_true", help="trace the real training step; nothing is allocated")
+    t.add_argument("--routing", default="uniform", choices=["uniform", "skewed"],
+                   help="tokens to experts: uniform, or skewed (every token to the same top-k experts)")
+    t.add_argument("--layers", default="fit", choices=["fit", "all"],
+                   help="fit: trace 2 and 4 layers and extrapolate linearly (fast, tested equal); all: every layer")
+    t.add_argument("--no-checkpointing", action="store_true", help="trace without gradient checkpointing")
+    t.add_argument("--first-micro-step", action="store_true",
+                   help="no gradients from an earlier micro-batch (gradient_accumulation_steps 1)")
+    t.add_argument("--gpu-memory", default=None, help="fail unless the traced total fits, e.g. 24GB or 80GiB")
     a = p.parse_args(argv)
     try:
         opts = Options(mode=a.mode, seq=a.seq, batch=a.batch, lora_r=a.lora_r, gpus=a.gpus, zero=a.zero,
@@ -280,5 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = ModelShape.from_config(cfg)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         p.error(str(e))
-    print(render(shape, opts, estimate(shape, opts), str(cfg_path)))
-    return 0
+    if not a.trace:
+        print(render(shape, opts, estimate(shape, opts), str(cfg_path)))
+        return 0
+    from qwen_sft.trace.cli import trace_estimate
+
+    return trace_estimate(cfg_path, shape, opts, estimate(shape, opts), routing=a.routing, layers=a.layers,
+                          checkpointing=not a.no_checkpointing, accumulating=not a.first_micro_step,
+                          gpu_memory=a.gpu_memory)

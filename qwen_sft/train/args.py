@@ -151,6 +151,13 @@ class RunArguments:
         if self.max_tokens_per_batch is not None:
             self.token_budget_batching = True
 
+    # --- rehearsal (qwen_sft/trace): used by --dry_run only ----------------------------------------------
+    gpu_memory: str | None = field(
+        default=None, metadata={"help": "--dry_run traces one training step on fake tensors and fails unless it fits "
+                                        "this much GPU memory (24GB, 80GiB; default: the visible GPU's; 'off': no "
+                                        "trace)."}
+    )
+
 
 @dataclass
 class Config:

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
         _parser().print_help()
         return 0 if argv else 2
+    from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_yaml
     from qwen_sft.train.data import DataError
     from qwen_sft.train.run import run
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(config)
-    except DataError as exc:
+    except (DataError, RehearsalError) as exc:
         print(f"qwen-sft train: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -159,7 +159,11 @@ def run(config: Config) -> dict:
     setup_reporting(t)
     if config.run.dry_run:
         log(f"dry run: config and data valid; would train {m.model_name_or_path} into {t.output_dir}")
-        return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats}
+        from qwen_sft.trace.rehearse import rehearse  # traces the step on fake tensors (qwen_sft/trace)
+
+        rehearsal = rehearse(config, model_config, datasets["train"]) if config.run.gpu_memory != "off" else {}
+        return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats,
+                "rehearsal": rehearsal}
     # --- build ---------------------------------------------------------------------------------------
     model = load_model(m, model_config, deepspeed_zero3=_is_zero3(t))
     coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)

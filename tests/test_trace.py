@@ -1,0 +1,173 @@
+"""The fake-tensor trace (qwen_sft/trace): equal to the same tracker on real tensors, the layer fit equal to a
+full trace, the formula estimate within stated tolerances of the trace on the real config.
+
+    python -m pytest -q tests/test_trace.py            # fast tier
+    python -m pytest -q tests/test_trace.py -m slow    # mid-size real-vs-fake, real config, 48-layer fit check
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_sft.model.tiny import TinySpec, tiny_config
+from qwen_sft.trace import Sharding, StepPlan, measure
+from qwen_sft.trace.run import trace
+from qwen_sft.train.args import ModelArguments
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DIR = REPO.parent / "shared/spec/qwen3-coder-30b-a3b-instruct"
+ADAPTER = str(REPO / "configs/lora/adapter_config.json")
+GiB = 2**30
+
+
+def model_args(qlora: bool = True, **kw) -> ModelArguments:
+    return ModelArguments(model_name_or_path="unused", use_peft=True, use_qlora=qlora, peft_config_path=ADAPTER, **kw)
+
+
+def test_shadow_mode_answers_data_dependent_ops():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from qwen_sft.trace.shadow import ShadowMode
+
+    fm = FakeTensorMode(allow_non_fake_inputs=True)
+    with fm, ShadowMode(fm) as shadow:
+        idx = torch.tensor([[3, 1], [3, 0]])
+        counts = torch.bincount(idx.reshape(-1), minlength=5)
+        hit = torch.nonzero(counts).flatten()
+        assert isinstance(counts, FakeTensor) and counts.tolist() == [1, 1, 0, 2, 0]
+        assert hit.tolist() == [0, 1, 3] and counts[hit].tolist() == [1, 1, 2]
+        assert torch.repeat_interleave(hit, counts[hit]).tolist() == [0, 1, 3, 3]
+        assert int(((counts + 15) // 16 * 16).sum()) == 48
+        x = torch.randn(4, 8)  # floats never get a value
+        assert isinstance(x, FakeTensor) and not shadow.knows(x) and not shadow.knows(x.argmax(-1))
+
+
+def _tiny(layers: int = 2):
+    return tiny_config(TinySpec(layers=layers, hidden=64, experts=8, active=2, moe_intermediate=32))
+
+
+@pytest.mark.parametrize("qlora", [True, False], ids=["qlora", "lora"])
+def test_fake_trace_equals_real_tensors_tiny(qlora):
+    """Same build, same step, same tracker: on fake tensors and on real ones the peak and every category agree."""
+    plan = StepPlan(seq=96, batch=2)
+    fake = trace(_tiny(), model_args(qlora), plan=plan, gradient_checkpointing=True, fake=True)
+    real = trace(_tiny(), model_args(qlora), plan=plan, gradient_checkpointing=True, fake=False)
+    assert real.result.peak_bytes > 100 * 2**20  # two vocabulary-sized weights and the logits: not a no-op
+    assert fake.result.peak_bytes == pytest.approx(real.result.peak_bytes, rel=0.01)
+    for cat, b in real.result.breakdown.items():
+        assert fake.result.breakdown[cat] == pytest.approx(b, rel=0.02, abs=64 * 1024), cat
+    assert fake.result.flops == real.result.flops > 0
+    assert fake.static == real.static and fake.trainable == real.trainable > 0
+
+
+def test_trace_counts_what_the_step_holds():
+    """Breakdown rows that follow from the configuration alone: parameters, gradients, AdamW state, logits."""
+    plan = StepPlan(seq=128, batch=1, accumulating=True)
+    t = trace(_tiny(), model_args(True), plan=plan, gradient_checkpointing=True)
+    bd, r = t.result.breakdown, t.result
+    lora_bytes = t.static["LoRA parameters"]
+    assert t.trainable * 4 <= lora_bytes < t.trainable * 4 + 512 * 64  # fp32, allocator-rounded
+    assert bd["gradients"] == lora_bytes  # accumulating: every LoRA gradient is live
+    assert 2 * lora_bytes <= bd["optimizer state"] <= 2 * lora_bytes + 512 * 64  # AdamW m and v (+ step scalars)
+    assert r.peak_phase == "backward"
+    logit_bytes = 128 * 151_936
+    assert bd["loss/logits"] + bd["transients (backward, loss)"] == pytest.approx(12 * logit_bytes, rel=0.01)
+    first = trace(_tiny(), model_args(True), plan=StepPlan(seq=128, accumulating=False), gradient_checkpointing=True)
+    assert first.result.peak_bytes < r.peak_bytes  # no gradients of an earlier micro-batch
+
+
+def test_layer_fit_equals_full_trace():
+    """Two short traces extrapolated linearly give a longer model's trace, row for row."""
+    from qwen_sft.trace.report import extrapolate, extrapolate_static
+
+    plan = StepPlan(seq=64)
+    a, b, full = (trace(_tiny(n), model_args(True), plan=plan, gradient_checkpointing=True) for n in (2, 4, 9))
+    fit = extrapolate(a.result, 2, b.result, 4, 9)
+    assert fit.peak_bytes == full.result.peak_bytes
+    assert fit.flops == full.result.flops
+    for cat, v in full.result.breakdown.items():
+        assert abs(fit.breakdown[cat] - v) <= 1024, cat
+    assert extrapolate_static(a.static, 2, b.static, 4, 9) == full.static
+
+
+def test_zero3_with_the_engine_fails_in_the_trace():
+    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3"):
+        trace(_tiny(), model_args(False), plan=StepPlan(seq=32), gradient_checkpointing=True, deepspeed_zero3=True)
+
+
+def test_sharding_is_computed_on_traced_rows():
+    one = measure(_tiny(), model_args(False), StepPlan(seq=64), gradient_checkpointing=True, layers="all")
+    z2 = measure(_tiny(), model_args(False), StepPlan(seq=64), gradient_checkpointing=True, layers="all",
+                 sharding=Sharding(world=4, zero=2))
+    rows1 = {r.name: r for r in one.report.rows}
+    rows2 = {r.name: r for r in z2.report.rows}
+    assert rows2["gradients"].bytes == -(-rows1["gradients"].bytes // 4) and rows2["gradients"].source == "computed"
+    assert rows2["optimizer state"].bytes == -(-rows1["optimizer state"].bytes // 4)
+    assert rows2["weights: embeddings"].bytes == rows1["weights: embeddings"].bytes
+    assert one.report.peak - z2.report.peak == sum(rows1[k].bytes - rows2[k].bytes
+                                                   for k in ("gradients", "optimizer state"))
+
+
+def test_estimate_trace_cli_and_gpu_memory(tmp_path, capsys):
+    from qwen_sft.moe.estimate import main
+
+    (tmp_path / "config.json").write_text(json.dumps(_tiny(2).to_dict()))
+    assert main([str(tmp_path), "--mode", "qlora", "--seq", "64", "--trace", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    for text in ("on fake tensors (nothing allocated", "weights: routed experts", "LoRA parameters", "gradients",
+                 "optimizer state", "activations (layers)", "loss/logits", "peak allocated per GPU",
+                 "CUDA context", "allocator fragmentation", "FLOPs (traced)", "routing assumed: uniform", "fits:"):
+        assert text in out, text
+    assert main([str(tmp_path), "--seq", "64", "--trace", "--gpu-memory", "0.01GiB"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def _real_config():
+    if not (REAL_DIR / "config.json").is_file():
+        pytest.skip("shared/spec/qwen3-coder-30b-a3b-instruct not present")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(REAL_DIR))
+
+
+@pytest.mark.slow
+def test_fake_trace_equals_real_tensors_midsize():
+    """4 layers at the real dimensions (hidden 2048, 32 heads, expert width 768, the real vocabulary), 16 experts."""
+    cfg = _real_config()
+    cfg.num_hidden_layers, cfg.num_experts = 4, 16
+    plan = StepPlan(seq=64)
+    fake = trace(cfg, model_args(True), plan=plan, gradient_checkpointing=True, fake=True)
+    real = trace(cfg, model_args(True), plan=plan, gradient_checkpointing=True, fake=False)
+    assert fake.result.peak_bytes == pytest.approx(real.result.peak_bytes, rel=0.01)
+    for cat, b in real.result.breakdown.items():
+        assert fake.result.breakdown[cat] == pytest.approx(b, rel=0.02, abs=256 * 1024), cat
+
+
+@pytest.mark.slow
+def test_formula_matches_trace_on_real_config(tmp_path):
+    """Every formula row against the trace at the real size (QLoRA, r 8 on attention + experts, seq 2048)."""
+    from qwen_sft.moe.estimate import ModelShape, Options, estimate
+    from qwen_sft.trace.cli import ATTENTION
+    from qwen_sft.trace.report import LOSS_ROW, formula_view
+
+    cfg = _real_config()
+    adapter = Path(tmp_path) / "adapter_config.json"
+    adapter.write_text(json.dumps({"r": 8, "lora_alpha": 16, "target_modules": ATTENTION + ["gate_up_proj",
+                                                                                             "down_proj"]}))
+    args = ModelArguments(model_name_or_path="unused", use_qlora=True, peft_config_path=str(adapter))
+    m = measure(cfg, args, StepPlan(seq=2048), gradient_checkpointing=True)
+    est = estimate(ModelShape.from_config(json.loads((REAL_DIR / "config.json").read_text())), Options(seq=2048))
+    fv = formula_view(m.report, est, checkpointing=True)
+    rows = {r.name: r.bytes for r in m.report.rows}
+    tolerance = {"weights: routed experts": 0.001, "weights: attention (q/k/v/o)": 0.01, "weights: embeddings": 0.001,
+                 "weights: lm_head": 0.001, "LoRA parameters": 0.001, "gradients": 0.001, "optimizer state": 0.001,
+                 "activations (layers)": 0.05, LOSS_ROW: 0.01}
+    for name, tol in tolerance.items():
+        assert rows[name] == pytest.approx(fv[name], rel=tol), name
+    assert m.report.peak == pytest.approx(est.peak(True), rel=0.01)
+    assert m.report.flops == pytest.approx(est.flops, rel=0.03)
+    assert 24.0 * GiB < m.report.peak < 24.5 * GiB  # today's recipe does not fit a 24 GB card (issue 14)
