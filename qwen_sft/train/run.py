@@ -199,7 +199,8 @@ def run(config: Config) -> dict:
                          data_collator=make_collator(d.packing, tokenizer.pad_token_id),
                          processing_class=tokenizer, router_aux_loss_coef=coef, callbacks=callbacks,
                          chunked_loss=r.chunked_loss, loss_chunk_tokens=r.loss_chunk_tokens,
-                         max_tokens_per_batch=budget, offload_activations=r.offload_activations)
+                         max_tokens_per_batch=budget, offload_activations=r.offload_activations,
+                         optim_foreach=r.optim_foreach)
     result = trainer.train(resume_from_checkpoint=resume)
     # --- save ----------------------------------------------------------------------------------------
     trainer.save_model(str(out))
