@@ -2,10 +2,11 @@
 
     python train.py --model_name_or_path Qwen/Qwen3-Coder-30B-A3B-Instruct \
         --data_path processed/sft_train.jsonl --output_dir checkpoints/qlora --use_qlora true \
-        --peft_config_path configs/lora/adapter_config.json --bf16 true
+        --peft_config_path configs/lora --bf16 true
 
 Accepts every transformers ``TrainingArguments`` flag plus the recipe's own (``python train.py --help``).
-The same engine with a YAML config: ``qwen-sft train CONFIG.yaml [key=value …]``.
+The same engine with a YAML config: ``qwen-sft train CONFIG.yaml [key=value …]``. Configuration problems
+(types, conflicts, missing files or weights) are listed together and exit with code 2, data problems with 1.
 """
 
 from __future__ import annotations
@@ -15,14 +16,23 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from qwen_sft.trace.rehearse import RehearsalError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        from qwen_sft.train.args import _parser
+
+        _parser().print_help()
+        return 0
     from qwen_sft.train.args import parse_flags
     from qwen_sft.train.data import DataError
     from qwen_sft.train.run import run
+    from qwen_sft.train.validate import ConfigError
 
-    argv = sys.argv[1:] if argv is None else argv
-    config = parse_flags(argv)  # argparse prints usage and exits 2 on bad flags
     try:
-        run(config)
+        run(parse_flags(argv))
+    except ConfigError as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 2
     except (DataError, RehearsalError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 1

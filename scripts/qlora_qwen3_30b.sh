@@ -32,7 +32,7 @@ exec "${TORCHRUN[@]}" train.py \
     --use_qlora true \
     --bnb_4bit_quant_type nf4 \
     --bnb_4bit_compute_dtype bfloat16 \
-    --peft_config_path configs/lora/adapter_config.json \
+    --peft_config_path configs/lora \
     --model_max_length "$MAX_LEN" \
     --per_device_train_batch_size "$BATCH_SIZE" \
     --gradient_accumulation_steps "$GRAD_ACCU" \

@@ -33,7 +33,9 @@ def test_every_shipped_yaml_loads(path):
     assert config.data.data_path and config.training.output_dir
     assert config.training.remove_unused_columns is False and config.training.label_names == ["labels"]
     if config.model.use_peft:
-        assert (REPO / config.model.peft_config_path).is_file()
+        from qwen_sft.train.model import lora_config_file
+
+        assert lora_config_file(str(REPO / config.model.peft_config_path)).is_file()
 
 
 def test_deepspeed_configs():

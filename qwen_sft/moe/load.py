@@ -32,17 +32,22 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def resolve_model_dir(name_or_path: str | Path, cache_dir: str | None = None) -> Path:
-    """A local directory as is; a Hub id (``Qwen/Qwen3-Coder-30B-A3B-Instruct``) from the local HF cache."""
+    """A local directory as is; a Hub id (``Qwen/Qwen3-Coder-30B-A3B-Instruct``) from the local HF cache, which
+    must hold the weights (a snapshot of config and tokenizer only is refused with the download command)."""
+    from qwen_sft.train.download import cached_snapshot, download_command, is_hub_id, missing_weights
+
     path = Path(name_or_path)
     if path.is_dir():
         return path
-    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/")):
+    if not is_hub_id(str(name_or_path)):
         raise FileNotFoundError(f"{name_or_path}: no such model directory")
-    from huggingface_hub import snapshot_download
-
-    # local_files_only: loading must not download (the README's download step fills the cache first).
-    return Path(snapshot_download(str(name_or_path), cache_dir=cache_dir, local_files_only=True,
-                                  allow_patterns=["*.json", "*.safetensors"]))
+    # Loading never downloads: the validation pass (or the README's download step) fills the cache first.
+    snapshot = cached_snapshot(str(name_or_path), cache_dir)
+    why = missing_weights(snapshot) if snapshot else "not downloaded"
+    if why:
+        raise FileNotFoundError(f"{name_or_path}: {why} in the Hugging Face cache; download it first: "
+                                f"{download_command(str(name_or_path), cache_dir)}")
+    return snapshot
 
 
 def _weight_map(model_dir: Path) -> dict[str, Path]:

@@ -1,8 +1,10 @@
 """Typed training configuration: the seed recipe's flags plus all of transformers' ``TrainingArguments``.
 
 Each field's ``help`` is the CLI help (``python train.py --help``); a flat YAML file with the same keys
-is the serialized form (``qwen-sft train configs/train/qlora_tiny.yaml``). Options that contradict each
-other are rejected in ``__post_init__`` with a message naming both.
+is the serialized form (``qwen-sft train configs/train/qlora_tiny.yaml``). Flags, YAML values and
+``key=value`` overrides go through the same strict type check (``use_qlora: 'false'`` is False, ``fast`` is not
+a learning rate) and the same conflict checks (qwen_sft/train/validate.py) before any dataclass is built, so
+both entry points report the same problems, all at once, as one ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ class ModelArguments:
     )
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     peft_config_path: str = field(
-        default="configs/lora/adapter_config.json",
-        metadata={"help": "peft adapter_config.json giving r, lora_alpha, lora_dropout and target_modules. Expert "
-                          "names (gate_proj/up_proj/down_proj) are mapped onto the fused expert parameters."},
+        default="configs/lora",
+        metadata={"help": "Folder holding a peft adapter_config.json (as PeftConfig.from_pretrained reads it), or "
+                          "the file itself: r, lora_alpha, lora_dropout and target_modules. Expert names "
+                          "(gate_proj/up_proj/down_proj) are mapped onto the fused expert parameters."},
     )
     use_qlora: bool = field(
         default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes) and train LoRA on it. "
@@ -76,13 +79,9 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        _reject_conflicts(self)
         if self.use_qlora:
             self.use_peft = True
-        if self.use_qlora and self.torch_dtype == "float32" and self.bnb_4bit_compute_dtype != "float32":
-            raise ValueError(f"use_qlora with torch_dtype=float32 but bnb_4bit_compute_dtype="
-                             f"{self.bnb_4bit_compute_dtype}: choose one precision for the non-quantized layers")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
 
 @dataclass
@@ -110,11 +109,22 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.strict and self.truncate_source:
-            raise ValueError("strict=True (fail on over-long samples) contradicts truncate_source=True "
-                             "(cut them): choose one")
-        if self.model_max_length < 2:
-            raise ValueError(f"model_max_length must be >= 2, got {self.model_max_length}")
+        _reject_conflicts(self)
+
+
+def _reject_conflicts(args: object) -> None:
+    """Built directly in Python: the same checks as the validation pass, on this dataclass's own options, and
+    the values parsed the same strict way (``use_qlora="false"`` becomes False, not a truthy string)."""
+    import dataclasses
+
+    from qwen_sft.train.validate import ConfigError, coerce, find_problems
+
+    values = dataclasses.asdict(args)
+    problems = find_problems(values, io=False)
+    if problems:
+        raise ConfigError(problems)
+    for key, value in coerce(values)[0].items():
+        setattr(args, key, value)
 
 
 @dataclass
@@ -226,34 +236,64 @@ def _parser():
     return HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
 
 
-def _finish(values: dict[str, object], origins: dict[str, str]) -> Config:
+def _finish(values: dict[str, object], origins: dict[str, str], problems: list[str] | None = None) -> Config:
+    """Type-check and cross-check ``values`` (all problems in one ``ConfigError``), then build the dataclasses."""
+    from qwen_sft.train.validate import ConfigError, find_problems
+
     for key, value in TRAINING_DEFAULTS.items():
         if key not in values:
             values[key] = value
             origins.setdefault(key, "recipe default")
     values.setdefault("output_dir", "output")
-    _init_deepspeed_cpu(values.get("deepspeed"))
-    model, data, run, training = _parser().parse_dict(values, allow_extra_keys=False)
+    problems = list(problems or []) + find_problems(values, io=False)
+    if problems:
+        # Say everything at once: what the files would add (adapter config, model, data paths) as well.
+        raise ConfigError(problems + find_problems(values, io=True))
+    from qwen_sft.train.validate import coerce
+
+    typed, _ = coerce(values)
+    _init_deepspeed_cpu(typed.get("deepspeed"))
+    try:
+        model, data, run, training = _parser().parse_dict(typed, allow_extra_keys=False)
+    except ValueError as exc:  # TrainingArguments' own checks (e.g. bf16 without a GPU)
+        raise ConfigError([str(exc).strip().splitlines()[0]]) from None
     return Config(model, data, run, training, origins)
 
 
-def _flag_keys(argv: list[str]) -> list[str]:
-    return [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
+def flag_values(argv: list[str]) -> tuple[dict[str, object], list[str]]:
+    """``--key value``, ``--key=value``, ``--key v1 v2`` (lists), ``--flag`` / ``--no_flag`` (booleans) as raw
+    strings, the last of a repeated key winning, as argparse does. Types are checked by ``validate.coerce``."""
+    from qwen_sft.train.validate import field_specs, is_bool_field
+
+    items: list[tuple[str, list[str]]] = []
+    problems = []
+    for token in argv:
+        if token.startswith("--") and len(token) > 2:
+            key, eq, value = token[2:].partition("=")
+            items.append((key.replace("-", "_"), [value] if eq else []))
+        elif items:
+            items[-1][1].append(token)
+        else:
+            problems.append(f"unexpected argument {token!r}: options are --name value")
+    values: dict[str, object] = {}
+    specs = field_specs()
+    for key, vals in items:
+        if not vals and key in specs and is_bool_field(key):
+            values[key] = "true"
+        elif not vals and key.startswith("no_") and key[3:] in specs and is_bool_field(key[3:]):
+            values[key[3:]] = "false"
+        elif not vals:
+            problems.append(f"--{key} needs a value")
+            values.pop(key, None)
+        else:
+            values[key] = vals[0] if len(vals) == 1 else vals
+    return values, problems
 
 
 def parse_flags(argv: list[str]) -> Config:
     """``python train.py --model_name_or_path … --output_dir …`` (the seed recipe's interface)."""
-    explicit = set(_flag_keys(argv))
-    origins = {k: "flag" for k in explicit}
-    argv = list(argv)
-    for key, value in {**TRAINING_DEFAULTS, "output_dir": "output"}.items():
-        if key not in explicit:
-            argv += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-            origins[key] = "recipe default"
-    if "deepspeed" in explicit:
-        _init_deepspeed_cpu(True)
-    model, data, run, training = _parser().parse_args_into_dataclasses(args=argv)
-    return Config(model, data, run, training, origins)
+    values, problems = flag_values(argv)
+    return _finish(values, {k: "flag" for k in values}, problems)
 
 
 _YAML11_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
@@ -288,10 +328,6 @@ def parse_yaml(path: str, overrides: list[str]) -> Config:
         key, value = parse_override(item)
         values[key] = value
         origins[key] = "override"
-    known = {f for cls in _parser().dataclass_types for f in cls.__dataclass_fields__}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; see `python train.py --help` for the list")
     return _finish(values, origins)
 
 

@@ -24,14 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_sft.train.args import parse_yaml
     from qwen_sft.train.data import DataError
     from qwen_sft.train.run import run
+    from qwen_sft.train.validate import ConfigError
 
     try:
         config = parse_yaml(argv[0], argv[1:])
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ConfigError, or the YAML file itself
         print(f"qwen-sft train: {exc}", file=sys.stderr)
         return 2
     try:
         run(config)
+    except ConfigError as exc:
+        print(f"qwen-sft train: {exc}", file=sys.stderr)
+        return 2
     except (DataError, RehearsalError) as exc:
         print(f"qwen-sft train: {exc}", file=sys.stderr)
         return 1

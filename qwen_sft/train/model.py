@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -162,11 +163,28 @@ def mark_moe_leaf_modules(model) -> list[str]:
     return sorted(c.__name__ for c in classes)
 
 
+def lora_config_file(path: str) -> Path:
+    """``peft_config_path`` as ``PeftConfig.from_pretrained`` takes it: a folder holding adapter_config.json,
+    or the file itself."""
+    p = Path(path)
+    file = p / "adapter_config.json" if p.is_dir() else p
+    if not file.is_file():
+        what = "holds no adapter_config.json" if p.is_dir() else "no such file or directory"
+        raise FileNotFoundError(f"peft_config_path={path}: {what} (give a folder with adapter_config.json, "
+                                f"e.g. configs/lora, or the file itself)")
+    return file
+
+
 def read_lora_config(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        cfg = json.load(fh)
+    file = lora_config_file(path)
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(cfg).__name__}")
     if not cfg.get("target_modules") and not cfg.get("target_parameters"):
-        raise ValueError(f"{path}: neither target_modules nor target_parameters is set; LoRA would train nothing")
+        raise ValueError(f"{file}: neither target_modules nor target_parameters is set; LoRA would train nothing")
     return cfg
 
 

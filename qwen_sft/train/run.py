@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
+from qwen_sft.train import download
 from qwen_sft.train.args import Config, describe, long_sequence_conflicts
 from qwen_sft.train.data import DataStats, load_tokenized
 from qwen_sft.train.model import (
@@ -23,8 +24,8 @@ from qwen_sft.train.model import (
     load_model,
     log,
     parameter_groups,
-    read_lora_config,
 )
+from qwen_sft.train.validate import validate
 
 
 def _wandb_logged_in() -> bool:
@@ -117,11 +118,13 @@ def run(config: Config) -> dict:
     for line in describe(config):
         log(line if "token" not in line.split("=")[0] else line.split("=")[0] + "= <hidden>")
     # --- validate before loading any weights -------------------------------------------------------
+    checked = validate(config)  # every option conflict, the adapter config, model files, data paths: all at once
+    if checked["download"] and config.run.dry_run:
+        log(f"{checked['download']}: weights not in the cache; a real run downloads them first "
+            f"({download.download_command(checked['download'], m.cache_dir)})")
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir,
                                               trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
-    if m.use_peft:
-        read_lora_config(m.peft_config_path)
     # TrainingArguments resolves an unset gradient_checkpointing to False (never None) and Trainer reads the
     # activation_checkpointing* names: decide the LoRA default from whether the user set either name.
     if m.use_peft and not {"gradient_checkpointing", "activation_checkpointing"} & set(config.origins):
@@ -164,6 +167,11 @@ def run(config: Config) -> dict:
         rehearsal = rehearse(config, model_config, datasets["train"]) if config.run.gpu_memory != "off" else {}
         return {"dry_run": True, "train_rows": len(datasets["train"]), "resume": resume, "stats": stats,
                 "rehearsal": rehearsal}
+    if checked["download"]:
+        # Validation and data passed; now the weights (tens of GB for the 30B model), with progress bars.
+        log(f"{checked['download']}: weights not in the cache {download.hub_cache(m.cache_dir)}; downloading")
+        with t.main_process_first(desc="download the model"):
+            download.download_model(checked["download"], m.cache_dir)
     # --- build ---------------------------------------------------------------------------------------
     model = load_model(m, model_config, deepspeed_zero3=_is_zero3(t))
     coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
