@@ -15,14 +15,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qwen_sft.trace.rehearse import RehearsalError
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         from qwen_sft.train.args import _parser
 
         _parser().print_help()
         return 0
+    from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_flags
     from qwen_sft.train.data import DataError
     from qwen_sft.train.run import run

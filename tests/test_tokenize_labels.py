@@ -8,6 +8,9 @@ tokenize=False), add_special_tokens=False).input_ids``, with the fast (tiktoken)
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from qwen_sft.tokenize.render import RecordError, normalize_record
@@ -226,3 +229,45 @@ def test_bad_records_have_reasons(tok):
         with pytest.raises(RecordError) as err:
             st.tokenize(rec)
         assert err.value.reason == reason, (reason, err.value)
+
+
+def _lost(st: SampleTokenizer, content: str) -> str:
+    """The content characters before the first supervised token of a one-turn answer."""
+    import numpy as np
+
+    from qwen_sft.tokenize.labels import token_starts
+    from qwen_sft.tokenize.render import parse_turns
+
+    record = {"messages": [msg("user", "q"), msg("assistant", content)]}
+    sample = st.tokenize(record)
+    data = st.render(record)[0].encode()
+    starts = token_starts(sample.input_ids, st.encoder.byte_len)
+    return data[parse_turns(data)[-1].body : starts[int(np.flatnonzero(sample.label != -100)[0])]].decode()
+
+
+def test_exactly_the_documented_first_characters_are_unsupervised(offline_tok):
+    """A first line of spaces (or tabs, or newlines) merges with the header's "\\n": docs/tokenize.md lists
+    every such prefix, and which one a content loses is the first token of tok("\\n" + content)."""
+    import itertools
+    import re
+
+    from qwen_sft.tokenize.labels import header_merges
+
+    merges = header_merges(offline_tok)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "tokenize.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- header-merges -->\n```\n(.*?)\n```", doc, re.S)
+    assert block and json.loads("[" + block.group(1) + "]") == merges
+    assert merges[:4] == ["\n", "\t\n", "\n\n", " \n"] and len(merges) == 33
+    st = tokenizer_for(offline_tok)
+    assert _lost(st, "   \n    x = 1\n") == "   \n" and _lost(st, "\n\nx") == "\n\n" and _lost(st, "  x") == ""
+    seen = set()
+    for n in range(1, 5):
+        for prefix in itertools.product(" \t\n\r", repeat=n):
+            for tail in ("x", " x", "\tx"):
+                content = "".join(prefix) + tail
+                first = offline_tok.convert_tokens_to_string(offline_tok.tokenize("\n" + content)[:1])
+                lost = _lost(st, content)
+                assert lost == first[1:], content
+                assert lost == "" or lost in merges
+                seen.add(lost)
+    assert len(seen) > 10

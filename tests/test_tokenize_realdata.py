@@ -54,7 +54,8 @@ def test_every_real_sample_equals_the_template_tokenized_in_one_pass(chatml, tmp
     stats = tokenize_chatml_file(chatml, tmp_path / "rd.arrow", model=model, max_len=65536, progress=False)
     rejected = {json.loads(x)["line"] for x in (tmp_path / "rd.arrow.rejects.jsonl").read_text().splitlines()}
     assert stats["samples"] == len(records) and not rejected and stats["dropped"] == {}
-    assert stats["supervised_tokens"] == 131_300  # the same with both templates: only the prompts differ
+    # The same with both templates (they are one). 131,300 before convert honoured functionary's masked turn.
+    assert stats["supervised_tokens"] == 131_238
     kept = [r for n, r in enumerate(records, 1) if n not in rejected]
     checked_tools = 0
     for record, (ids, labels) in zip(kept, iter_samples(tmp_path / "rd.arrow"), strict=True):
@@ -62,10 +63,25 @@ def test_every_real_sample_equals_the_template_tokenized_in_one_pass(chatml, tmp
         text = tok.apply_chat_template(messages, tools=tools, tokenize=False)
         assert ids == tok(text, add_special_tokens=False).input_ids
         runs = supervised_runs(ids, labels)
-        assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+        # one run per assistant turn that is not masked by the source (functionary's metadata.masked → loss false)
+        assert len(runs) == sum(m["role"] == "assistant" and m.get("loss") is not False for m in record["messages"])
         for start, end in runs:
             assert ids[end - 1] == IM_END and labels[start:end] == ids[start:end]
             # the run begins right after "<|im_start|>assistant" + "\n" (or a token merging that "\n")
             assert ids[start - 2 : start][0] == ASSISTANT or ids[start - 1] == ASSISTANT
         checked_tools += any("tool_calls" in m for m in messages)
     assert checked_tools > 150  # glaive, reason_tool_use, SWE-agent and functionary conversations were checked
+
+
+def test_offline_gives_the_released_ids_on_every_real_conversation(chatml, spec_tok, tmp_path):
+    """`-m offline` (no ../shared needed) == the released tokenizer + official template, all 768 conversations."""
+    records = [json.loads(line) for line in chatml.read_text(encoding="utf-8").splitlines()]
+    stats = tokenize_chatml_file(chatml, tmp_path / "off.arrow", model="offline", max_len=65536, progress=False)
+    assert stats["samples"] == len(records) == 768
+    with_tools = 0
+    for record, (ids, _) in zip(records, iter_samples(tmp_path / "off.arrow"), strict=True):
+        messages, tools = normalize_record(record, ())
+        text = spec_tok.apply_chat_template(messages, tools=tools, tokenize=False)
+        assert ids == spec_tok(text, add_special_tokens=False).input_ids, record["messages"][0]
+        with_tools += bool(tools)
+    assert with_tools >= 240  # every conversation that differed before had tools

@@ -40,7 +40,7 @@ def test_jsonl_is_converted_once_and_memory_mapped(tmp_path):
     assert len(cached) == 1 and ds.path == cached[0]
     assert to_arrow(src, tmp_path / "cache") == cached[0]  # second call reuses the cache
     # The token buffer is a view of the mapped file, not a copy in Python lists.
-    assert isinstance(ds._ids, np.ndarray) and not ds._ids.flags.owndata
+    assert all(isinstance(v, np.ndarray) and not v.flags.owndata for v in ds._cols.ids)
 
 
 def test_truncate_source_cuts_instead_of_dropping(tmp_path):
@@ -94,3 +94,97 @@ def test_untokenized_chatml_says_how_to_fix(tmp_path):
     src = _jsonl(tmp_path / "chatml.jsonl", [{"messages": [{"role": "user", "content": "x"}]}] * 3)
     with pytest.raises(DataError, match=r"(?s)not tokenized \(no input_ids\) \(3\).*--tokenize"):
         load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path)
+
+
+def _big_arrow(path: Path, batches: int, rows: int, width: int) -> int:
+    """An Arrow IPC file of ``batches`` record batches of ``rows`` × ``width`` tokens; returns its size."""
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.list_(pa.int32()))])
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for b in range(batches):
+            ids = (np.arange(rows * width, dtype=np.int32) + b) % 1000
+            labels = ids.copy()
+            labels[::width] = -100
+            writer.write_batch(pa.record_batch([pa.ListArray.from_arrays(offsets, pa.array(ids)),
+                                                pa.ListArray.from_arrays(offsets, pa.array(labels))], schema=schema))
+            del ids, labels
+    return path.stat().st_size
+
+
+def test_multi_batch_arrow_is_read_through_views_not_copied_onto_the_heap(tmp_path):
+    """~320 MB in 8 record batches: loading it allocates (peak and held) nothing near the file's size."""
+    size = _big_arrow(tmp_path / "big.arrow", batches=8, rows=5_000, width=1_000)
+    assert size > 300e6
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())  # its own counters: peak of this load only
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        ds = load_tokenized(tmp_path / "big.arrow", vocab_size=1000, max_len=2048, cache_dir=tmp_path / "c")
+        assert ds.path == tmp_path / "big.arrow" and len(ds) == 40_000
+        first, last = ds[0], ds[len(ds) - 1]  # rows of the first and the last batch
+        held, peak = pool.bytes_allocated(), pool.max_memory()
+    finally:
+        pa.set_memory_pool(previous)
+    assert first["input_ids"][:3] == [0, 1, 2] and first["labels"][:2] == [-100, 1]
+    assert last["input_ids"][-1] == (5_000 * 1_000 - 1 + 7) % 1000 and len(last["labels"]) == 1_000
+    assert ds.stats.tokens == 40_000_000 and ds.stats.supervised_tokens == 40_000 * 999
+    # combine_chunks() (the old way) allocated the whole token buffer, ≈ the file size, here.
+    assert held < size / 100 and peak < size / 100, (held, peak, size)
+
+
+def _tokenized_with_stats(tmp_path: Path, fingerprint: dict) -> Path:
+    src = _jsonl(tmp_path / "t.jsonl", GOOD[:2])
+    (tmp_path / "t.jsonl.stats.json").write_text(json.dumps({"samples": 2, "tokenizer": fingerprint}))
+    return src
+
+
+FP = {"name_or_path": "offline", "chat_template_sha256": "a" * 64, "vocab_sha256": "b" * 64, "vocab_size": 100}
+
+
+def test_data_made_with_another_chat_template_is_refused_unless_allowed(tmp_path):
+    src = _tokenized_with_stats(tmp_path, {**FP, "name_or_path": "some/other-model", "chat_template_sha256": "c" * 64})
+    with pytest.raises(DataError) as err:
+        load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "c", tokenizer=FP)
+    msg = str(err.value)
+    assert "made with another chat template (1):" in msg and "tokenized with 'some/other-model'" in msg
+    assert "re-tokenize with `-m offline`, or pass --allow_template_mismatch true" in msg
+    ds = load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "c", tokenizer=FP,
+                        allow_template_mismatch=True)
+    assert len(ds) == 2 and ds.stats.tokenizer["match"] is False
+    assert ds.stats.to_dict()["tokenizer"]["data"]["chat_template_sha256"] == "c" * 64
+
+
+def test_matching_or_unrecorded_tokenizer_is_recorded_in_the_data_statistics(tmp_path):
+    src = _tokenized_with_stats(tmp_path, FP)
+    ds = load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "c", tokenizer=FP)
+    assert ds.stats.tokenizer == {"data": FP, "training": FP, "match": True}
+    (tmp_path / "t.jsonl.stats.json").unlink()  # hand-made data: nothing to compare, and the record says so
+    ds = load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "c", tokenizer=FP)
+    assert ds.stats.tokenizer == {"data": None, "training": FP, "match": None}
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path):
+    src = _tokenized_with_stats(tmp_path, {**FP, "vocab_sha256": "d" * 64})
+    with pytest.raises(DataError, match="made with another vocabulary"):
+        load_tokenized(src, vocab_size=100, max_len=8, cache_dir=tmp_path / "c", tokenizer=FP)
+
+
+def test_problems_in_a_later_batch_name_the_global_row(tmp_path):
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.list_(pa.int32()))])
+    batches = [[([1, 2], [-100, 2])] * 3, [([1, 2], [-100, 2]), ([1, 200], [-100, 200]), ([3, 4], [-100, -100])]]
+    with pa.ipc.new_file(str(tmp_path / "t.arrow"), schema) as writer:
+        for rows in batches:
+            writer.write_batch(pa.record_batch([pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+                                                pa.array([r[1] for r in rows], pa.list_(pa.int32()))], schema=schema))
+    with pytest.raises(DataError) as err:
+        load_tokenized(tmp_path / "t.arrow", vocab_size=100, max_len=8, cache_dir=tmp_path / "c")
+    assert "ids beyond the vocabulary (1):\n    row 5: id 200" in str(err.value)
+    assert "no supervised token (1):\n    row 6" in str(err.value)
+    ok = tmp_path / "ok.arrow"
+    with pa.ipc.new_file(str(ok), schema) as writer:
+        for rows in ([([1, 2], [-100, 2])], [([5, 6, 7], [-100, 6, 7])] * 2):
+            writer.write_batch(pa.record_batch([pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+                                                pa.array([r[1] for r in rows], pa.list_(pa.int32()))], schema=schema))
+    ds = load_tokenized(ok, vocab_size=100, max_len=8, cache_dir=tmp_path / "c")
+    assert [ds[i]["input_ids"] for i in range(len(ds))] == [[1, 2], [5, 6, 7], [5, 6, 7]]
+    assert ds.lengths().tolist() == [2, 3, 3] and ds.stats.supervised_tokens == 1 + 2 + 2

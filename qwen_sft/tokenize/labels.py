@@ -6,13 +6,18 @@ system, user and tool turns are not. A message's own ``"loss": true|false`` over
 the turn that renders it.
 
 A token belongs to the span its *first byte* lies in. The only tokens that straddle a span edge are
-those where the header's ``\\n`` merges with content that starts with a newline (``"\\n" + "\\n"`` →
-token 271): such a token starts in the header, so it is not supervised — the header never is.
+those where the header's ``\\n`` merges with the start of the content: the first token of
+``tok("\\n" + content)`` when it is longer than ``"\\n"``. It starts in the header, so it is not
+supervised (the header never is), and the content characters inside it are not trained on. With
+Qwen3-Coder's vocabulary that happens only to content that opens with whitespace ending in a newline,
+and exactly the prefixes ``header_merges`` lists lose their characters (docs/tokenize.md has the list):
+supervising that token instead would teach a token the model can never emit at inference, where the
+prompt already ends with the header's own ``\\n``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,6 +26,20 @@ from qwen_sft.tokenize.render import Turn
 Policy = Literal["assistant", "last", "all"]
 POLICIES: tuple[str, ...] = ("assistant", "last", "all")
 IGNORE_INDEX = -100
+
+
+def header_merges(tok: Any) -> list[str]:
+    """Every content prefix that merges with the header's ``\\n`` into one unsupervised token, shortest first.
+
+    They are the vocabulary's whitespace tokens that start with ``\\n`` and end with a newline (Qwen2's split
+    regex keeps ``\\s*[\\r\\n]+`` together, so only such a token can begin in the header and end in content).
+    """
+    out = []
+    for token in tok.get_vocab():
+        text = tok.convert_tokens_to_string([token])
+        if len(text) > 1 and text[0] == "\n" and text.isspace() and text[-1] in "\r\n":
+            out.append(text[1:])
+    return sorted(out, key=lambda t: (len(t), t))
 
 
 def supervised_spans(

@@ -29,6 +29,7 @@ import orjson
 from qwen_sft.atomic import atomic_group
 from qwen_sft.data.exactjson import loads as exact_loads
 from qwen_sft.tokenize import stats as stats_mod
+from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
 from qwen_sft.tokenize.labels import IGNORE_INDEX, POLICIES, Policy
 from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
@@ -216,7 +217,9 @@ def tokenize_chatml_file(
     _WORKER.verify(_first_records(src, opts.verify_records))
     # Recorded so a reader of stats.json knows which path produced the ids (both are verified identical).
     engines = {"encoder": _WORKER.encoder.name, "renderer": _WORKER.renderer.name}
-    context = {"input": src.name, "options": asdict(opts), "engines": engines}
+    # Which tokenizer and template made the data (sha256 of each): training refuses data made with another.
+    fingerprint = {**tokenizer_fingerprint(_WORKER.tok), "name_or_path": opts.model}
+    context = {"input": src.name, "options": asdict(opts), "engines": engines, "tokenizer": fingerprint}
     stats = stats_mod.RunStats()
     side = stats_mod.side_paths(dst)
     bar = _progress_bar(src, opts.progress)

@@ -104,7 +104,11 @@ def trace(config, model_args: ModelArguments, *, plan: StepPlan, gradient_checkp
         built: Built = build_model(config, model_args, gradient_checkpointing=gradient_checkpointing,
                                    deepspeed_zero3=deepspeed_zero3, layers=layers)
         static, trainable = static_bytes(built.model)
-        optimizer = make_optimizer(built.model, optim, training_args=training_args)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        # bitsandbytes' 8-bit optimizers build their quantization maps with .tolist() in __init__: real tensors.
+        with unset_fake_temporarily():
+            optimizer = make_optimizer(built.model, optim, training_args=training_args)
         build_seconds = time.perf_counter() - t0
         if lift is not None:
             real_lift = lift

@@ -107,6 +107,10 @@ class DataArguments:
         default=".cache/qwen_sft/data",
         metadata={"help": "Where JSONL/Parquet data is converted once into memory-mappable Arrow files."},
     )
+    allow_template_mismatch: bool = field(
+        default=False, metadata={"help": "Train on data tokenized with another chat template or vocabulary than the "
+                                         "tokenizer saved beside the adapter (refused by default)."}
+    )
 
     def __post_init__(self) -> None:
         _reject_conflicts(self)

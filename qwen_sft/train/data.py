@@ -6,7 +6,13 @@ vocab_size=151936, max_len=2048).stats)"
 Accepted: JSONL lines ``{"input_ids": [...], "label": [...]}`` (-100 = not supervised), ``.parquet`` and
 ``.arrow`` (Arrow IPC file) with list<int32> columns ``input_ids`` and ``label``. JSONL and Parquet are
 converted once into an Arrow IPC file under ``data_cache_dir`` (keyed by path, size and mtime) and every
-file is then memory-mapped: the dataset costs page cache, not Python lists.
+file is then memory-mapped: the dataset costs page cache, not Python lists. Rows are read through
+per-record-batch numpy views of the mapped buffers; nothing concatenates the batches (that would copy the
+whole file onto the heap, in every rank).
+
+A file written by the tokenizer has ``<file>.stats.json`` beside it, naming the tokenizer and chat template
+that made it (sha256 of each); data made with a template or vocabulary other than the tokenizer training
+saves beside the adapter is refused, unless ``allow_template_mismatch``.
 
 Every problem of every row is collected and raised as one ``DataError`` naming file, line and reason.
 Over-long rows are dropped and counted (or cut with ``truncate``, or an error with ``strict``).
@@ -48,6 +54,8 @@ class DataStats:
     tokens: int = 0
     supervised_tokens: int = 0
     length: dict[str, float] = field(default_factory=dict)
+    # {"data": fingerprint from <file>.stats.json or None, "training": the saved tokenizer's, "match": bool|None}
+    tokenizer: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return (f"{self.path}: {self.rows_read} rows read = {self.rows_kept} kept + {self.dropped_too_long} dropped "
@@ -196,105 +204,168 @@ def _supervised_counts(labels: np.ndarray, loff: np.ndarray, rows: np.ndarray, l
     return counts
 
 
+class _Columns:
+    """Zero-copy numpy views of each record batch of a memory-mapped Arrow IPC file (never concatenated)."""
+
+    def __init__(self, arrow_path: Path) -> None:
+        reader = pa.ipc.open_file(pa.memory_map(str(arrow_path)))
+        self.ids: list[np.ndarray] = []  # token values of batch b
+        self.labels: list[np.ndarray] = []
+        self.off: list[np.ndarray] = []  # row offsets into ids[b] (absolute: IPC batches may start past 0)
+        self.loff: list[np.ndarray] = []
+        self.lines: list[np.ndarray] = []
+        has_line = "line" in reader.schema.names
+        row = 0
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            ids, labels = batch.column("input_ids"), batch.column("label")
+            self.ids.append(ids.values.to_numpy())
+            self.labels.append(labels.values.to_numpy())
+            self.off.append(ids.offsets.to_numpy())
+            self.loff.append(labels.offsets.to_numpy())
+            n = batch.num_rows
+            self.lines.append(batch.column("line").to_numpy() if has_line else np.arange(row + 1, row + n + 1))
+            row += n
+        self.first_row = np.zeros(len(self.ids) + 1, np.int64)  # global index of each batch's first row
+        np.cumsum([len(o) - 1 for o in self.off], out=self.first_row[1:])
+        self.num_rows = int(self.first_row[-1])
+        # Per-row lengths are O(rows), not O(tokens): small, kept on the heap for sampling and stats.
+        lens = [np.diff(o).astype(np.int64) for o in self.off]
+        self.lengths = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        b = int(np.searchsorted(self.first_row, row, side="right")) - 1
+        return b, row - int(self.first_row[b])
+
+
 class TokenizedDataset:
     """Rows of a memory-mapped Arrow file; ``kept`` indexes the validated rows, ``limit`` caps their length."""
 
-    def __init__(self, arrow_path: Path, kept: np.ndarray, limit: int, stats: DataStats) -> None:
-        table = pa.ipc.open_file(pa.memory_map(str(arrow_path))).read_all()
-        ids = table.column("input_ids").combine_chunks()
-        labels = table.column("label").combine_chunks()
-        # Zero-copy numpy views of the mapped buffers: a row is a slice, no per-row Python objects.
-        self._ids, self._labels = ids.values.to_numpy(), labels.values.to_numpy()
-        self._off, self._loff = ids.offsets.to_numpy(), labels.offsets.to_numpy()
+    def __init__(self, arrow_path: Path, kept: np.ndarray, limit: int, stats: DataStats,
+                 columns: _Columns | None = None) -> None:
+        self._cols = columns if columns is not None else _Columns(arrow_path)
         self.kept, self.limit, self.stats, self.path = kept, limit, stats, arrow_path
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def lengths(self) -> np.ndarray:
-        i = self.kept
-        return np.minimum(self._off[i + 1] - self._off[i], self.limit)
+        return np.minimum(self._cols.lengths[self.kept], self.limit)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        i = int(self.kept[index])
-        start = int(self._off[i])
-        end = min(int(self._off[i + 1]), start + self.limit)
-        lstart = int(self._loff[i])
-        return {"input_ids": self._ids[start:end].tolist(),
-                "labels": self._labels[lstart:lstart + end - start].tolist()}
+        c = self._cols
+        b, r = c.locate(int(self.kept[index]))
+        start = int(c.off[b][r])
+        end = min(int(c.off[b][r + 1]), start + self.limit)
+        lstart = int(c.loff[b][r])
+        return {"input_ids": c.ids[b][start:end].tolist(),
+                "labels": c.labels[b][lstart:lstart + end - start].tolist()}
+
+
+def check_tokenizer(path: Path, training: dict | None, allow_mismatch: bool, problems: _Problems) -> dict:
+    """Compare the tokenizer recorded in ``<path>.stats.json`` with the one training saves beside the adapter."""
+    record: dict = {"data": None, "training": training, "match": None}
+    stats_file = path.with_name(path.name + ".stats.json")
+    try:
+        made_by = orjson.loads(stats_file.read_bytes()).get("tokenizer")
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        made_by = None
+    if not isinstance(made_by, dict) or training is None:
+        return record  # hand-made data or an older tokenize run: nothing to compare (data_stats.json says so)
+    record["data"] = made_by
+    differ = [k for k in ("chat_template_sha256", "vocab_sha256") if made_by.get(k) != training.get(k)]
+    record["match"] = not differ
+    if differ and not allow_mismatch:
+        what = " and ".join("chat template" if k.startswith("chat") else "vocabulary" for k in differ)
+        problems.add(f"made with another {what}", str(stats_file),
+                     f"tokenized with {made_by.get('name_or_path')!r} (template sha256 "
+                     f"{str(made_by.get('chat_template_sha256'))[:12]}…), but training saves {training['name_or_path']!r} "
+                     f"(template sha256 {str(training.get('chat_template_sha256'))[:12]}…) beside the adapter; "
+                     f"re-tokenize with `-m {training['name_or_path']}`, or pass --allow_template_mismatch true")
+    return record
+
+
+def _check_rows(ids: np.ndarray, labels: np.ndarray, off: np.ndarray, loff: np.ndarray, lengths: np.ndarray,
+                llengths: np.ndarray, lo: int, hi: int, vocab_size: int, label_of, problems: _Problems) -> np.ndarray:
+    """Rows ``lo:hi`` of one batch: record every broken row in ``problems``; return the well-formed ones."""
+    rows = np.arange(lo, hi)
+    same = lengths[lo:hi] == llengths[lo:hi]
+    for r in rows[~same]:
+        problems.add("length mismatch", label_of(r), f"{lengths[r]} input_ids vs {llengths[r]} labels")
+    for r in rows[lengths[lo:hi] == 0]:
+        problems.add("empty sample", label_of(r))
+    a, b = off[lo], off[hi]
+    flat_ids, flat_lab = ids[a:b], labels[loff[lo]:loff[hi]]
+    seg = off[lo:hi] - a
+    nonempty = lengths[lo:hi] > 0
+    # Per-row reductions over the flat tokens (reduceat needs non-empty segments).
+    bad_vocab = np.zeros(hi - lo, bool)
+    bad_label = np.zeros(hi - lo, bool)
+    if flat_ids.size:
+        ok = same & nonempty
+        idx = seg[nonempty]
+        bad_vocab[nonempty] = np.logical_or.reduceat((flat_ids < 0) | (flat_ids >= vocab_size), idx)
+        if ok.all():
+            bad_label[nonempty] = np.logical_or.reduceat((flat_lab != IGNORE) & (flat_lab != flat_ids), idx)
+        else:
+            for r in rows[ok]:
+                s, e, ls = off[r], off[r + 1], loff[r]
+                lab = labels[ls:ls + e - s]
+                bad_label[r - lo] = bool(((lab != IGNORE) & (lab != ids[s:e])).any())
+    for r in rows[bad_vocab]:
+        s, e = off[r], off[r + 1]
+        worst = int(ids[s:e].max()) if ids[s:e].max() >= vocab_size else int(ids[s:e].min())
+        problems.add("ids beyond the vocabulary", label_of(r), f"id {worst} not in [0, {vocab_size})")
+    for r in rows[bad_label]:
+        problems.add("labels other than -100 or the input id", label_of(r))
+    return rows[same & nonempty & ~bad_vocab & ~bad_label]
 
 
 def load_tokenized(path: str | os.PathLike, *, vocab_size: int, max_len: int, truncate: bool = False,
-                   strict: bool = False, cache_dir: str | os.PathLike = ".cache/qwen_sft/data") -> TokenizedDataset:
-    """Convert (once), memory-map and validate ``path``; raise one ``DataError`` listing every problem."""
+                   strict: bool = False, cache_dir: str | os.PathLike = ".cache/qwen_sft/data",
+                   tokenizer: dict | None = None, allow_template_mismatch: bool = False) -> TokenizedDataset:
+    """Convert (once), memory-map and validate ``path``; raise one ``DataError`` listing every problem.
+
+    ``tokenizer`` is the fingerprint (``qwen_sft.tokenize.fingerprint``) of the tokenizer training saves;
+    data whose stats file names another chat template or vocabulary is a problem unless allowed."""
     problems = _Problems(Path(path))
+    stats = DataStats(path=str(path))
+    stats.tokenizer = check_tokenizer(Path(path), tokenizer, allow_template_mismatch, problems)
     arrow = to_arrow(path, cache_dir, problems)
-    table = pa.ipc.open_file(pa.memory_map(str(arrow))).read_all()
-    ids_arr, lab_arr = table.column("input_ids").combine_chunks(), table.column("label").combine_chunks()
-    ids, labels = ids_arr.values.to_numpy(), lab_arr.values.to_numpy()
-    off, loff = ids_arr.offsets.to_numpy(), lab_arr.offsets.to_numpy()
-    n = table.num_rows
-    where = table.column("line").to_numpy() if "line" in table.column_names else np.arange(1, n + 1)
+    cols = _Columns(arrow)
+    n = cols.num_rows
+    stats.rows_read = n
     is_jsonl = Path(path).suffix not in (".parquet", ".arrow")
-    label_of = (lambda r: f"line {where[r]}") if is_jsonl else (lambda r: f"row {where[r]}")
-    lengths, llengths = np.diff(off).astype(np.int64), np.diff(loff).astype(np.int64)
     kept: list[np.ndarray] = []
-    stats = DataStats(path=str(path), rows_read=n)
     limit = max_len if truncate else int(np.iinfo(np.int32).max)
-    chunk = 65_536  # rows per vectorised pass: bounded temporary memory however large the file
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
-        rows = np.arange(lo, hi)
-        same = lengths[lo:hi] == llengths[lo:hi]
-        for r in rows[~same]:
-            problems.add("length mismatch", label_of(r), f"{lengths[r]} input_ids vs {llengths[r]} labels")
-        for r in rows[lengths[lo:hi] == 0]:
-            problems.add("empty sample", label_of(r))
-        a, b = off[lo], off[hi]
-        flat_ids, flat_lab = ids[a:b], labels[loff[lo]:loff[hi]]
-        seg = off[lo:hi] - a
-        nonempty = lengths[lo:hi] > 0
-        # Per-row reductions over the flat tokens (reduceat needs non-empty segments).
-        bad_vocab = np.zeros(hi - lo, bool)
-        bad_label = np.zeros(hi - lo, bool)
-        if flat_ids.size:
-            ok = same & nonempty
-            idx = seg[nonempty]
-            bad_vocab[nonempty] = np.logical_or.reduceat((flat_ids < 0) | (flat_ids >= vocab_size), idx)
-            if ok.all():
-                bad_label[nonempty] = np.logical_or.reduceat((flat_lab != IGNORE) & (flat_lab != flat_ids), idx)
+    chunk = 65_536  # rows per vectorised pass: bounded temporary memory however large a batch
+    for b in range(len(cols.ids)):
+        ids, labels, off, loff, where = cols.ids[b], cols.labels[b], cols.off[b], cols.loff[b], cols.lines[b]
+        label_of = (lambda r, w=where: f"line {w[r]}") if is_jsonl else (lambda r, w=where: f"row {w[r]}")
+        lengths, llengths = np.diff(off).astype(np.int64), np.diff(loff).astype(np.int64)
+        for lo in range(0, len(lengths), chunk):
+            hi = min(lo + chunk, len(lengths))
+            good = _check_rows(ids, labels, off, loff, lengths, llengths, lo, hi, vocab_size, label_of, problems)
+            too_long = good[lengths[good] > max_len]
+            if strict:
+                for r in too_long:
+                    problems.add("longer than model_max_length", label_of(r), f"{lengths[r]} > {max_len=}")
+            elif not truncate:
+                stats.dropped_too_long += len(too_long)
+                good = good[lengths[good] <= max_len]
             else:
-                for r in rows[ok]:
-                    s, e, ls = off[r], off[r + 1], loff[r]
-                    lab = labels[ls:ls + e - s]
-                    bad_label[r - lo] = bool(((lab != IGNORE) & (lab != ids[s:e])).any())
-        for r in rows[bad_vocab]:
-            s, e = off[r], off[r + 1]
-            worst = int(ids[s:e].max()) if ids[s:e].max() >= vocab_size else int(ids[s:e].min())
-            problems.add("ids beyond the vocabulary", label_of(r), f"id {worst} not in [0, {vocab_size})")
-        for r in rows[bad_label]:
-            problems.add("labels other than -100 or the input id", label_of(r))
-        good = rows[same & nonempty & ~bad_vocab & ~bad_label]
-        too_long = good[lengths[good] > max_len]
-        if strict:
-            for r in too_long:
-                problems.add("longer than model_max_length", label_of(r), f"{lengths[r]} > {max_len=}")
-        elif not truncate:
-            stats.dropped_too_long += len(too_long)
-            good = good[lengths[good] <= max_len]
-        else:
-            stats.truncated += len(too_long)
-        sup = _supervised_counts(labels, loff, good, np.minimum(lengths[good], limit))
-        for r in good[sup == 0]:
-            why = "within the first model_max_length tokens" if lengths[r] > limit else ""
-            problems.add("no supervised token", label_of(r), why)
-        stats.supervised_tokens += int(sup.sum())
-        kept.append(good)
+                stats.truncated += len(too_long)
+            sup = _supervised_counts(labels, loff, good, np.minimum(lengths[good], limit))
+            for r in good[sup == 0]:
+                why = "within the first model_max_length tokens" if lengths[r] > limit else ""
+                problems.add("no supervised token", label_of(r), why)
+            stats.supervised_tokens += int(sup.sum())
+            kept.append(good + cols.first_row[b])
     if arrow.name.endswith(".partial.arrow"):
         arrow.unlink()
     problems.raise_if_any("fix the rows above (re-run the tokenizer), or drop them")
     kept_idx = np.concatenate(kept) if kept else np.zeros(0, np.int64)
-    ds = TokenizedDataset(arrow, kept_idx, int(min(limit, np.iinfo(np.int32).max)), stats)
+    ds = TokenizedDataset(arrow, kept_idx, int(min(limit, np.iinfo(np.int32).max)), stats, cols)
     lens = ds.lengths()
     stats.rows_kept = len(kept_idx)
     stats.tokens = int(lens.sum())

@@ -111,6 +111,7 @@ def run(config: Config) -> dict:
     the plan for ``dry_run``."""
     from transformers import AutoConfig
 
+    from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
     from qwen_sft.tokenizer import load_tokenizer
 
     m, d, t, r = config.model, config.data, config.training, config.run
@@ -138,11 +139,13 @@ def run(config: Config) -> dict:
     if conflicts:
         raise ValueError("conflicting options:\n  " + "\n  ".join(conflicts))
     datasets, stats = {}, {}
+    made_by = tokenizer_fingerprint(tokenizer)  # the tokenizer saved beside the adapter; data must match it
     with t.main_process_first(desc="convert and validate data"):
         for split, path in (("train", d.data_path), ("eval", d.eval_data_path)):
             if path:
                 ds = load_tokenized(path, vocab_size=model_config.vocab_size, max_len=d.model_max_length,
-                                    truncate=d.truncate_source, strict=d.strict, cache_dir=d.data_cache_dir)
+                                    truncate=d.truncate_source, strict=d.strict, cache_dir=d.data_cache_dir,
+                                    tokenizer=made_by, allow_template_mismatch=d.allow_template_mismatch)
                 datasets[split], stats[split] = ds, ds.stats.to_dict()
                 log(ds.stats.summary())
     if not len(datasets["train"]):

@@ -1,0 +1,147 @@
+"""Opt-in check (``make check-gguf``): llama.cpp itself loads our GGUF export and agrees with transformers.
+
+    python scripts/check_gguf.py prepare .cache/check-gguf              # project venv: torch, transformers
+    .cache/venv-gguf/bin/python scripts/check_gguf.py consume .cache/check-gguf   # llama-cpp-python venv
+
+``prepare`` builds the tiny qwen3_moe model, trains-in-place a random adapter (attention + every expert, through
+the expert engine), merges it with ``qwen-sft merge`` (bf16), exports the merged model with ``qwen-sft export-gguf``
+as bf16 and q8_0, and records transformers' reference on the merged model (fp32 compute from the bf16 weights):
+the chat-rendered prompt text and ids, 8 greedy tokens, and the logits at every position of prompt + greedy.
+
+``consume`` runs in a separate venv holding only numpy and llama-cpp-python (a CPU build of llama.cpp): it checks
+that llama.cpp's tokenizer turns the prompt text into the same ids, that its own greedy decoding gives the same
+tokens, and compares its logits position by position. Pass criteria (printed with the measurements):
+
+- bf16: the same token ids, the same 8 greedy tokens, the same top-1 at every position, and
+  max |Δlogit| <= BF16_REL · max |logit| (fp32 compute on identical weights; only summation order differs);
+- q8_0: the same token ids, top-1 equal at >= Q8_TOP1 of positions, and max |Δlogit| <= Q8_REL · max |logit|
+  (8-bit weights with a per-32 scale are not expected to give identical logits).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+GREEDY = 8
+BF16_REL = 0.01
+Q8_REL = 0.10
+Q8_TOP1 = 0.90
+PROMPTS = [
+    [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}],
+    [{"role": "system", "content": "You are a careful code reviewer."},
+     {"role": "user", "content": "What does `git rebase -i HEAD~3` do?"}],
+    [{"role": "user", "content": "다음 SQL을 설명해 주세요: SELECT count(*) FROM users WHERE active;"}],
+]
+
+
+def prepare(work: Path) -> None:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_sft.export.gguf_export import main as gguf_main
+    from qwen_sft.merge.cli import main as merge_main
+    from qwen_sft.model.tiny import TinySpec, make_tiny_model
+    from qwen_sft.moe import ExpertLoraSpec, enable_expert_lora, install_expert_engine, save_adapter
+
+    work.mkdir(parents=True, exist_ok=True)
+    base = make_tiny_model(work / "base", TinySpec(layers=2), dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    install_expert_engine(model, quantize_experts=False, lora=ExpertLoraSpec(r=4, alpha=8, gate_up_r=8,
+                                                                              gate_up_alpha=16),
+                          compute_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    enable_expert_lora(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or name.endswith("_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    adapter = save_adapter(model.eval(), work / "adapter", base_model_name_or_path=str(base))
+    del model
+    merged = work / "merged"
+    assert merge_main(["--base_model_path", str(base), "--adapter_path", str(adapter), "--output_path", str(merged),
+                       "--no_verify"]) == 0  # reference: transformers below
+    for qtype in ("bf16", "q8_0"):
+        assert gguf_main([str(merged), str(work / f"merged-{qtype}.gguf"), "--type", qtype]) == 0
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    ref_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    cases = []
+    for i, messages in enumerate(PROMPTS):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(GREEDY):
+                logits = ref_model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                seq.append(int(logits.argmax()))
+            full = ref_model(input_ids=torch.tensor([seq]), use_cache=False).logits[0].numpy()
+        np.save(work / f"ref-{i}.npy", full)
+        cases.append({"text": text, "ids": ids, "greedy": seq[len(ids):]})
+    (work / "reference.json").write_text(json.dumps({"cases": cases}, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"prepared {work}: merged model, 2 GGUF files, reference for {len(cases)} prompts")
+
+
+def consume(work: Path) -> int:
+    import numpy as np
+    from llama_cpp import Llama
+
+    ref = json.loads((work / "reference.json").read_text(encoding="utf-8"))["cases"]
+    failures, report = [], {}
+    for qtype in ("bf16", "q8_0"):
+        t0 = time.time()
+        llm = Llama(model_path=str(work / f"merged-{qtype}.gguf"), n_ctx=512, logits_all=True, n_threads=2,
+                    verbose=False, seed=0)
+        rows = []
+        for i, case in enumerate(ref):
+            ids = llm.tokenize(case["text"].encode("utf-8"), add_bos=False, special=True)
+            if ids != case["ids"]:
+                failures.append(f"{qtype} prompt {i}: llama.cpp tokenizes to {ids[:12]}… != transformers {case['ids'][:12]}…")
+            llm.reset()
+            llm.eval(case["ids"])
+            greedy = []
+            for _ in range(len(case["greedy"])):
+                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                greedy.append(nxt)
+                llm.eval([nxt])
+            full_ids = case["ids"] + case["greedy"]
+            llm.reset()
+            llm.eval(full_ids)
+            ours = np.asarray(llm.scores[: len(full_ids)], dtype=np.float32)
+            theirs = np.load(work / f"ref-{i}.npy")
+            diff = float(np.abs(ours - theirs).max())
+            scale = float(np.abs(theirs).max())
+            top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
+            rows.append({"prompt": i, "positions": len(full_ids), "max_abs_diff": round(diff, 5),
+                         "max_abs_logit": round(scale, 3), "rel": round(diff / scale, 5), "top1_agree": top1,
+                         "greedy_equal": greedy == case["greedy"]})
+            if qtype == "bf16":
+                if greedy != case["greedy"]:
+                    failures.append(f"bf16 prompt {i}: greedy {greedy} != transformers {case['greedy']}")
+                if top1 < 1.0 or diff > BF16_REL * scale:
+                    failures.append(f"bf16 prompt {i}: top-1 agreement {top1:.3f}, max |Δ| {diff:.4g} "
+                                    f"(limit {BF16_REL * scale:.4g})")
+            elif top1 < Q8_TOP1 or diff > Q8_REL * scale:
+                failures.append(f"q8_0 prompt {i}: top-1 agreement {top1:.3f} (limit {Q8_TOP1}), max |Δ| {diff:.4g} "
+                                f"(limit {Q8_REL * scale:.4g})")
+        report[qtype] = {"rows": rows, "seconds": round(time.time() - t0, 1)}
+        del llm
+    print(json.dumps(report, indent=1))
+    if failures:
+        print("check-gguf FAILED:\n  - " + "\n  - ".join(failures))
+        return 1
+    print("check-gguf passed: llama.cpp loads both exports; bf16 matches transformers token for token")
+    return 0
+
+
+if __name__ == "__main__":
+    mode, work = sys.argv[1], Path(sys.argv[2])
+    if mode == "prepare":
+        prepare(work)
+        sys.exit(0)
+    sys.exit(consume(work))
