@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_flags
     from qwen_sft.train.data import DataError
-    from qwen_sft.train.run import run
+    from qwen_sft.train.run import SaveError, run
     from qwen_sft.train.validate import ConfigError
 
     try:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 2
-    except (DataError, RehearsalError) as exc:
+    except (DataError, SaveError, RehearsalError) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return 1
     return 0

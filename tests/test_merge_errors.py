@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -217,3 +218,99 @@ def test_adapter_peft_cannot_load_fails_verification_cleanly(base_dir, adapter_d
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "lora_dropout": 0.1}))
     err = fails(capsys, base_dir, adapter, tmp_path / "out")
     assert "peft cannot load" in err and "--no_verify" in err
+
+
+def test_non_finite_merged_weight_is_refused_without_verify(base_dir, tmp_path, capsys):
+    """Finite factors whose product overflows float32: --no_verify skips the logits, never the finiteness check."""
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "inf"
+    adapter.mkdir()
+    key = "base_model.model.model.layers.0.self_attn.o_proj"
+    save_file({f"{key}.lora_A.weight": torch.full((1, 96), 1e20), f"{key}.lora_B.weight": torch.full((64, 1), 1e20)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1,
+                                                             "target_modules": ["o_proj"]}))
+    err = fails(capsys, base_dir, adapter, tmp_path / "out", "--no_verify")
+    assert "model.layers.0.self_attn.o_proj.weight: the merged weight holds NaN or inf" in err
+
+
+def test_expert_run_adapter_without_expert_tensors_is_refused(base_dir, adapter_dir, tmp_path, capsys):
+    """The kill-during-save adapter: attention LoRA on disk, expert factors never added, the run's record says
+    experts were trained. Merging it would publish a model without the expert fine-tune; it is refused."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = copy_adapter(adapter_dir, tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".mlp.experts." not in k}, adapter / "adapter_model.safetensors")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_parameters": None}))
+    (adapter / "trainable_params.json").write_text(json.dumps({"experts": {"trainable": 1536, "total": 50000}}))
+    err = fails(capsys, base_dir, adapter, tmp_path / "out", "--no_verify")
+    assert "adapter_model.safetensors holds no expert tensors" in err and "experts: 1,536 trainable" in err
+
+
+def test_output_path_that_is_a_file_is_refused(base_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"precious")
+    rc = main(["--base_model_path", str(base_dir), "--adapter_path", str(adapter_dir), "--output_path", str(out),
+               "--no_verify"])
+    assert rc == 1 and f"--output_path {out} is an existing file" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_copy(base_dir, adapter_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    err = fails(capsys, base_dir, adapter_dir, tmp_path / "out", "--no_verify")
+    assert "merge: error: cannot write the merged model: No space left on device (" in err
+    line = next(x for x in err.splitlines() if "merge: error" in x)  # (the progress bar shares stderr)
+    assert err.count("merge: error") == 1 and line.endswith("model.safetensors); nothing was written")
+
+
+def test_leftover_of_a_killed_merge_is_removed(base_dir, adapter_dir, tmp_path, capsys):
+    """kill -9 leaves .OUT.*.tmp (a full model copy); the next merge into OUT removes it once its process is gone."""
+    from qwen_sft.merge.cli import OWNER_FILE
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / ".out.abc123.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    (leftover / OWNER_FILE).write_text(str(dead.pid))
+    alive = tmp_path / ".out.def456.tmp"  # a merge still running (this process) is left alone
+    alive.mkdir()
+    (alive / OWNER_FILE).write_text(str(os.getpid()))
+    rc = main(["--base_model_path", str(base_dir), "--adapter_path", str(adapter_dir), "--output_path",
+               str(tmp_path / "out"), "--no_verify"])
+    assert rc == 0 and not leftover.exists() and alive.exists()
+    assert f"removed {leftover}, left by an interrupted merge (process {dead.pid})" in capsys.readouterr().out
+    assert not (tmp_path / "out" / OWNER_FILE).exists()
+
+
+_SIGTERM_DRIVER = """
+import os, signal, sys
+import qwen_sft.merge.stream as stream
+def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+stream.merge_shards = terminated
+from qwen_sft.merge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_mid_merge_removes_the_temporary_copy(base_dir, adapter_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_DRIVER, "--base_model_path", str(base_dir),
+                           "--adapter_path", str(adapter_dir), "--output_path", str(out), "--no_verify"],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130 and "merge: interrupted; no output written" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -143,6 +143,9 @@ def split_pairs(path: Path, tensors: dict[str, Any], cfg: dict) -> tuple[list[Lo
             if any(t in name for t in ("lora_embedding", "lora_magnitude", "lora_")):
                 problems.append(f"{key}: unsupported LoRA tensor (embedding LoRA / DoRA cannot be merged here)")
             elif any(name == f"{m}.weight" or name.endswith(f".{m}.weight") for m in to_save):
+                if tensors[key].is_floating_point() and not tensors[key].isfinite().all():
+                    problems.append(f"{key}: the modules_to_save tensor contains NaN or inf")
+                    continue
                 replacements[name] = tensors[key]
             else:
                 problems.append(f"{key}: neither a LoRA factor nor a modules_to_save tensor ({to_save=})")
@@ -229,6 +232,10 @@ def read_adapter(path: str | Path, fallback_dirs: tuple[Path, ...] = ()) -> Adap
     path = Path(path)
     cfg = read_adapter_config(path)
     tensors = load_adapter_tensors(path)
+    from qwen_sft.checkpoint import adapter_problems
+
+    # An interrupted save (no completion marker, expert factors never added) must not merge as if complete.
+    _fail(path, adapter_problems(path))
     pairs, replacements = split_pairs(path, tensors, cfg)
     adapter = Adapter(path=path, config=cfg, pairs=pairs, replacements=replacements,
                       weights_sha256=_sha256(path / WEIGHTS_FILE))

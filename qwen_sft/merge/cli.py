@@ -22,6 +22,8 @@ from qwen_sft.merge.plan import BaseCheckpoint, plan_merge, read_base
 from qwen_sft.merge.stream import DTYPES
 from qwen_sft.merge.verify import ATOL, FLIP_FACTOR, RTOL
 
+OWNER_FILE = ".merge_owner_pid"  # inside the temporary directory: lets a later merge remove it after a kill -9
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_model_path", required=True, help="base model directory (or Hub id, read from the cache)")
     p.add_argument("--adapter_path", "--train_adapters_path", dest="adapter_path", required=True,
                    help="adapter directory written by training (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--output_path", required=True, help="merged model directory (replaced atomically if it exists)")
+    p.add_argument("--output_path", required=True,
+                   help="merged model directory (an existing directory is replaced atomically; a file is refused)")
     p.add_argument("--all_checkpoints", action="store_true",
                    help="also merge every checkpoint-* under the adapter directory into OUT/checkpoint-*")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
@@ -65,7 +68,9 @@ def find_jobs(adapter_root: Path, all_checkpoints: bool) -> list[tuple[Path, str
 
 
 def check_paths(out: Path, base: Path, adapter_root: Path) -> None:
-    """Refuse an output that would replace or sit inside an input (the rename would destroy it)."""
+    """Refuse an output that would replace or sit inside an input (the rename would destroy it), or a file."""
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--output_path {out} is an existing file, not a directory; remove it or choose another path")
     for name, src in (("--base_model_path", base), ("--adapter_path", adapter_root)):
         src = src.resolve()
         if out == src or out in src.parents or src in out.parents:
@@ -91,7 +96,36 @@ def _notes(adapter: Adapter, base: BaseCheckpoint, base_arg: str) -> list[str]:
     return notes
 
 
+def remove_stale_temps(out: Path) -> None:
+    """Temporary directories of merges into ``out`` that were killed (-9, power loss) hold a full model copy each;
+    remove those whose owning process is gone. (Any other exit removes its own: atomic_dir and on_sigterm.)"""
+    import os
+    import shutil
+
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        try:
+            pid = int((tmp / OWNER_FILE).read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        try:
+            os.kill(pid, 0)
+            continue  # that merge is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}, left by an interrupted merge (process {pid})")
+
+
+def on_sigterm(signum, frame) -> None:
+    # SIGTERM (kill, a scheduler's time limit) would end Python without unwinding, leaving the temporary copy.
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from qwen_sft.atomic import atomic_dir
     from qwen_sft.merge.assets import write_assets, write_info
     from qwen_sft.merge.stream import merge_shards
@@ -125,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
     if errors or base is None:
         raise MergeError("\n".join(errors))
 
+    remove_stale_temps(out)
     with atomic_dir(out) as tmp:
+        (tmp / OWNER_FILE).write_text(str(os.getpid()), encoding="ascii")
         for adapter_dir, sub in work:
             adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
             plan = plan_merge(adapter, base)
@@ -147,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                 info["verification"] = {k: (float(f"{v:.3g}") if isinstance(v, float) else v)
                                         for k, v in result.as_dict().items()}
             write_info(target, info)
+        (tmp / OWNER_FILE).unlink()
     print(f"merged model written to {out}")
     return 0
 
@@ -169,15 +206,27 @@ def _verify(base: BaseCheckpoint, adapter: Adapter, merged: Path, args: argparse
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         return run(args)
     except MergeError as err:
         print(f"merge: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # disk full, read-only or permission denied: the reason, not a traceback
+        print(f"merge: error: cannot write the merged model: {err.strerror or err}"
+              f"{f' ({err.filename})' if err.filename else ''}; nothing was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("merge: interrupted; no output written", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,10 @@ def _apply(key: str, tensor, delta: Delta, target):
             raise MergeError(f"{key}: ΔW {tuple(merged.shape)} does not match the base {tuple(tensor.shape)}")
         merged += tensor  # fp32 accumulate, one rounding below
     merged = merged.to(target)
-    # The factors were checked finite when read, and bf16/fp32 share fp32's range, so only fp16 can overflow
-    # here; skipping the scan for the common case saves a full pass over every adapted tensor.
-    if target == torch.float16 and not torch.isfinite(merged).all():
-        raise MergeError(f"{key}: the merged weight overflows float16 (from {delta.source}); use --dtype bfloat16")
+    # Checked on every path, --no_verify included: finite factors can still give an inf product, and a base
+    # weight can already hold NaN; a non-finite weight is never published.
+    if not torch.isfinite(merged).all():
+        if target == torch.float16:
+            raise MergeError(f"{key}: the merged weight overflows float16 (from {delta.source}); use --dtype bfloat16")
+        raise MergeError(f"{key}: the merged weight holds NaN or inf (from {delta.source}); nothing was written")
     return merged

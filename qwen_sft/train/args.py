@@ -168,10 +168,6 @@ class RunArguments:
         default=1, metadata={"help": "Sequence-parallel degree (Ulysses). Only 1 is supported for now."}
     )
 
-    def __post_init__(self) -> None:
-        if self.max_tokens_per_batch is not None:
-            self.token_budget_batching = True
-
     # --- memory (issue 14: bench/RESULTS.md "Memory levers") --------------------------------------------------
     optim_foreach: bool | None = field(
         default=None, metadata={"help": "torch Adam/AdamW: false updates one parameter at a time (no multi-tensor "
@@ -185,6 +181,10 @@ class RunArguments:
                                         "this much GPU memory (24GB, 80GiB; default: the visible GPU's; 'off': no "
                                         "trace)."}
     )
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_batch is not None:
+            self.token_budget_batching = True
 
 
 @dataclass

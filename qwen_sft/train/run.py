@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
+from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
+from qwen_sft.redact import is_secret, redact_line
 from qwen_sft.train import download
 from qwen_sft.train.args import Config, describe, long_sequence_conflicts
 from qwen_sft.train.data import DataStats, load_tokenized
@@ -61,18 +63,29 @@ def setup_reporting(training) -> None:
 
 
 def resolve_resume(training) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from, decided before the model loads. ``auto`` takes the newest COMPLETE
+    checkpoint-N (qwen_sft/checkpoint.py), saying which ones it skipped and why; an explicit path must be complete."""
+    from qwen_sft.checkpoint import checkpoint_problems, checkpoints_newest_first
 
     want = training.resume_from_checkpoint
     if want in (None, "", "false", "False"):
         return None
     if want == "auto":
-        last = get_last_checkpoint(training.output_dir) if Path(training.output_dir).is_dir() else None
-        log(f"resume_from_checkpoint=auto → {last or 'no checkpoint in ' + training.output_dir + ', starting fresh'}")
-        return last
+        for ckpt in checkpoints_newest_first(training.output_dir):
+            problems = checkpoint_problems(ckpt)
+            if not problems:
+                log(f"resume_from_checkpoint=auto → {ckpt}")
+                return str(ckpt)
+            log(f"resume_from_checkpoint=auto: skipping incomplete {ckpt}: {'; '.join(problems)}")
+        log(f"resume_from_checkpoint=auto → no complete checkpoint in {training.output_dir}, starting fresh")
+        return None
     if not Path(want).is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint={want!r} is not a directory (use a checkpoint-N "
                                 f"directory or 'auto')")
+    problems = checkpoint_problems(want)
+    if problems:
+        raise ValueError(f"resume_from_checkpoint={want!r} is incomplete: {'; '.join(problems)}. Resume from an "
+                         f"earlier checkpoint-N, or use resume_from_checkpoint=auto to pick the newest complete one")
     return want
 
 
@@ -84,17 +97,22 @@ def effective_config(config: Config) -> dict:
     # Field defaults, not a second TrainingArguments instance: constructing one re-initialises the
     # process's accelerator state and silently takes a torchrun rank out of the process group.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    # to_dict() already masks *_token values; secret-named options are left out altogether, so that reading
+    # the file back never sends a placeholder as a token (they come from the environment or a flag again).
     training = {k: v for k, v in config.training.to_dict().items() if defaults.get(k) != v and not k.startswith("_")}
-    return {**asdict(config.model), **asdict(config.data), **asdict(config.run), **training}
+    values = {**asdict(config.model), **asdict(config.data), **asdict(config.run), **training}
+    return {k: v for k, v in values.items() if not is_secret(k, v)}
 
 
 def write_artifacts(out: Path, config: Config, stats: dict, groups: dict | None, tokenizer) -> None:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
+    invalidate(out)  # whatever adapter lies here is a previous run's until this run's final save marks it
     with atomic_open(out / "train_config.yaml") as fh:
-        fh.write("# Effective configuration of this run; `qwen-sft train` reads it back.\n")
-        fh.write("".join(f"# {line.strip()}\n" for line in describe(config)))
+        fh.write("# Effective configuration of this run; `qwen-sft train` reads it back. Secret options "
+                 "(token/key/secret/password) are not saved.\n")
+        fh.write("".join(f"# {redact_line(line).strip()}\n" for line in describe(config)))
         yaml.safe_dump(effective_config(config), fh, sort_keys=False, allow_unicode=True)
     with atomic_open(out / "data_stats.json") as fh:
         json.dump(stats, fh, indent=2)
@@ -117,7 +135,7 @@ def run(config: Config) -> dict:
     m, d, t, r = config.model, config.data, config.training, config.run
     log("configuration (explicit values and where they came from):")
     for line in describe(config):
-        log(line if "token" not in line.split("=")[0] else line.split("=")[0] + "= <hidden>")
+        log(redact_line(line))
     # --- validate before loading any weights -------------------------------------------------------
     checked = validate(config)  # every option conflict, the adapter config, model files, data paths: all at once
     if checked["download"] and config.run.dry_run:
@@ -176,6 +194,9 @@ def run(config: Config) -> dict:
         with t.main_process_first(desc="download the model"):
             download.download_model(checked["download"], m.cache_dir)
     # --- build ---------------------------------------------------------------------------------------
+    from transformers import set_seed
+
+    set_seed(t.seed)  # before any weight is created: LoRA init (peft's and the expert engine's) follows the seed
     model = load_model(m, model_config, deepspeed_zero3=_is_zero3(t))
     coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
     model.router_aux_loss_coef = 0.0  # added by SFTTrainer, scaled for gradient accumulation
@@ -200,31 +221,28 @@ def run(config: Config) -> dict:
     from qwen_sft.train.collate import make_collator
     from qwen_sft.train.trainer import ArtifactsCallback, SFTTrainer
 
-    engine = bool(lora_info and lora_info["expert_engine"])
-    callbacks = [ArtifactsCallback(out, config.run.loss_curve)]
-    if engine:
-        from qwen_sft.moe import ExpertAdapterCallback
-
-        callbacks.append(ExpertAdapterCallback())  # peft's save_pretrained drops the expert factors
+    # SFTTrainer's save adds the expert factors (peft's save_pretrained drops them) and marks checkpoints complete.
     trainer = SFTTrainer(model=model, args=t, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
                          data_collator=make_collator(d.packing, tokenizer.pad_token_id),
-                         processing_class=tokenizer, router_aux_loss_coef=coef, callbacks=callbacks,
+                         processing_class=tokenizer, router_aux_loss_coef=coef, artifacts_dir=out,
+                         callbacks=[ArtifactsCallback(out, config.run.loss_curve)],
                          chunked_loss=r.chunked_loss, loss_chunk_tokens=r.loss_chunk_tokens,
                          max_tokens_per_batch=budget, offload_activations=r.offload_activations,
                          optim_foreach=r.optim_foreach)
     result = trainer.train(resume_from_checkpoint=resume)
-    # --- save ----------------------------------------------------------------------------------------
-    trainer.save_model(str(out))
-    if engine and trainer.is_world_process_zero():
-        from qwen_sft.moe import add_expert_factors
-
-        # What save_adapter does, in place: save_adapter would replace the whole output directory.
-        add_expert_factors(trainer.accelerator.unwrap_model(trainer.model), out)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out))
-        with atomic_open(out / "train_results.json") as fh:
-            json.dump(result.metrics, fh, indent=2)
+    # --- save: every file, then the completion marker last (a kill before it leaves an adapter everyone refuses)
+    try:
+        if trainer.is_world_process_zero():
+            invalidate(out)
+        trainer.save_model(str(out))
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(out))
+            with atomic_open(out / "train_results.json") as fh:
+                json.dump(result.metrics, fh, indent=2)
+            mark_complete(out)
+    except OSError as err:
+        raise SaveError.of(f"the final model to {out}", err, "the checkpoints are unaffected") from err
     log(f"done: {result.global_step} optimizer steps, final train loss {result.training_loss:.4f}; saved to {out}")
     return {**result.metrics, "global_step": result.global_step, "model": trainer.model}
 
@@ -237,4 +255,4 @@ def _is_zero3(training) -> bool:
     return int(cfg.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
-__all__ = ["run", "DataStats"]
+__all__ = ["run", "DataStats", "SaveError"]

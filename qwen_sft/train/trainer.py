@@ -1,6 +1,10 @@
 """The transformers ``Trainer`` with what SFT on an MoE needs on top: throughput, peak memory, router aux
 loss on its own, a loss-curve PNG, and the run's config / data statistics / chat template in every checkpoint.
 
+Saves are complete or marked incomplete: every checkpoint-N gets the expert factors, the run's artifacts and,
+last, the completion marker (qwen_sft/checkpoint.py) before older checkpoints are rotated away; no save writes
+a secret (``hub_token``) into ``training_args.bin``.
+
 Used by ``qwen_sft.train.run``; see docs/train.md.
 
 Loss: chunked cross-entropy by default (qwen_sft/train/loss.py: the lm_head runs a chunk of supervised tokens at
@@ -24,6 +28,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from qwen_sft.atomic import atomic_open
+from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
+from qwen_sft.redact import secrets_hidden
 from qwen_sft.train.loss import DEFAULT_CHUNK_TOKENS, causal_lm, chunked_lm_loss, forward_hidden
 
 ARTIFACTS = ("train_config.yaml", "data_stats.json", "trainable_params.json", "chat_template.jinja")
@@ -36,12 +42,14 @@ def peak_memory_gib() -> float:
 
 
 class SFTTrainer(Trainer):
-    def __init__(self, *args, router_aux_loss_coef: float = 0.0, chunked_loss: bool = True,
-                 loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_tokens_per_batch: int | None = None,
-                 offload_activations: bool = False, optim_foreach: bool | None = None, **kwargs) -> None:
+    def __init__(self, *args, router_aux_loss_coef: float = 0.0, artifacts_dir: Path | None = None,
+                 chunked_loss: bool = True, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 max_tokens_per_batch: int | None = None, offload_activations: bool = False,
+                 optim_foreach: bool | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.optim_foreach = optim_foreach
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.artifacts_dir = artifacts_dir
         self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
         self.max_tokens_per_batch, self.offload_activations = max_tokens_per_batch, offload_activations
         self.batching_stats: dict | None = None
@@ -124,6 +132,43 @@ class SFTTrainer(Trainer):
             wrapper.num_processes, wrapper.process_index = 1, 0
         return loader
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """peft's save, then the expert factors (peft drops them); training_args.bin pickled without secrets."""
+        from qwen_sft.moe.lora import add_expert_factors, expert_engines
+
+        with secrets_hidden(self.args):  # restored before any push, which needs the token
+            super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and expert_engines(model):
+            add_expert_factors(model, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        ckpt = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            invalidate(ckpt)  # a re-save of the same step is incomplete until it is marked again
+        # Rotate only once the new checkpoint is complete: a kill mid-save must leave the previous one.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.artifacts_dir is not None:
+                for name in ARTIFACTS:
+                    src = self.artifacts_dir / name
+                    if src.exists():
+                        shutil.copy(src, ckpt / name)
+        except OSError as err:  # disk full mid-save: the earlier checkpoints are complete and kept
+            raise SaveError.of(str(ckpt), err, "earlier complete checkpoints are kept; free space and rerun "
+                               "with resume_from_checkpoint=auto") from err
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's optimizer shard is on disk before the marker
+        if self.args.should_save:
+            mark_complete(ckpt)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from qwen_sft.moe.lora import expert_engines
 
@@ -189,19 +234,10 @@ def plot_loss_curve(log_history: list[dict], out: Path) -> Path | None:
 
 
 class ArtifactsCallback(TrainerCallback):
-    """Copy the run's artifacts into each checkpoint; draw the loss curve at the end."""
+    """Draw the loss curve at the end (SFTTrainer copies the artifacts into each checkpoint, before its marker)."""
 
     def __init__(self, artifacts_dir: Path, loss_curve: bool) -> None:
         self.artifacts_dir, self.loss_curve = artifacts_dir, loss_curve
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                for name in ARTIFACTS:
-                    src = self.artifacts_dir / name
-                    if src.exists():
-                        shutil.copy(src, ckpt / name)
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.loss_curve:
