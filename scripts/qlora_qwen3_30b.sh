@@ -45,6 +45,7 @@ exec "${TORCHRUN[@]}" train.py \
     --save_total_limit 3 \
     --logging_steps 1 \
     --optim paged_adamw_8bit \
+    --lora_dtype bfloat16 \
     --gradient_checkpointing true \
     --bf16 true \
     --report_to wandb,tensorboard \

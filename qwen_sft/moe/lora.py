@@ -102,6 +102,8 @@ def add_expert_factors(model: nn.Module, adapter_dir: str | Path) -> int:
     from safetensors.torch import load_file, save
 
     adapter_dir = Path(adapter_dir)
+    if not any(e.has_lora for e in expert_engines(model).values()):
+        return 0  # attention-only LoRA on the engine: peft's files are the whole adapter
     setting = _expert_setting(model)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     weights = adapter_dir / "adapter_model.safetensors"

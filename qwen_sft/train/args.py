@@ -71,6 +71,13 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub. Off by default."})
 
+    # --- memory (issue 14: bench/RESULTS.md "Memory levers") --------------------------------------------------
+    lora_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "Dtype of the LoRA factors (attention and expert engine), hence of their "
+                                             "gradients and of the optimizer's master copy. bfloat16 halves them "
+                                             "(the 8-bit optimizers still compute each update in fp32)."}
+    )
+
     def __post_init__(self) -> None:
         _reject_conflicts(self)
         if self.use_qlora:
@@ -159,6 +166,13 @@ class RunArguments:
     )
     sp_size: int = field(
         default=1, metadata={"help": "Sequence-parallel degree (Ulysses). Only 1 is supported for now."}
+    )
+
+    # --- memory (issue 14: bench/RESULTS.md "Memory levers") --------------------------------------------------
+    optim_foreach: bool | None = field(
+        default=None, metadata={"help": "torch Adam/AdamW: false updates one parameter at a time (no multi-tensor "
+                                        "transient in the optimizer step); true forces the foreach update; default "
+                                        "torch's choice (foreach on CUDA). No effect on bitsandbytes optimizers."}
     )
 
     # --- rehearsal (qwen_sft/trace): used by --dry_run only ----------------------------------------------

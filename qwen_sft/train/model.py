@@ -100,9 +100,15 @@ def expert_lora_spec(model_args: ModelArguments):
     """The engine's expert rank/alpha from the adapter config (gate_up_proj at 2r / 2·alpha, see lora_settings)."""
     from qwen_sft.moe import ExpertLoraSpec
 
-    r, alpha, _, rank_pattern, alpha_pattern = lora_settings(read_lora_config(model_args.peft_config_path))
+    cfg = read_lora_config(model_args.peft_config_path)
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list) and not cfg.get("target_parameters") \
+            and not any(t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS for t in targets):
+        return None  # attention-only LoRA: the engine holds no expert factors
+    r, alpha, _, rank_pattern, alpha_pattern = lora_settings(cfg)
     return ExpertLoraSpec.from_lora_config({"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern,
-                                            "alpha_pattern": alpha_pattern})
+                                            "alpha_pattern": alpha_pattern},
+                                           dtype=getattr(torch, getattr(model_args, "lora_dtype", "float32")))
 
 
 def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False):
@@ -246,6 +252,20 @@ def has_expert_engine(model) -> bool:
     return any(isinstance(m, ExpertEngine) for m in model.modules())
 
 
+def cast_lora_factors(model, lora_dtype: str) -> int:
+    """peft's LoRA factors (created fp32: ``autocast_adapter_dtype``) to ``lora_dtype``; returns how many moved.
+    The expert engine's factors are created in that dtype already (expert_lora_spec)."""
+    dtype = getattr(torch, lora_dtype)
+    n = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and isinstance(module, torch.nn.ModuleDict):
+            for layer in module.values():
+                if any(p.dtype != dtype for p in layer.parameters()):
+                    layer.to(dtype)
+                    n += 1
+    return n
+
+
 def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
     """Attach LoRA: attention Linears via ``target_modules``; fused experts via ``target_parameters``, or,
     when the expert engine is installed (load_model), its own expert factors (peft never touches experts)."""
@@ -278,6 +298,7 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
 
         with peft_targets_as_named(model):  # qwen3_next: keep the shared expert's LoRA (see that module)
             peft_model = get_peft_model(model, lora)
+    cast_lora_factors(peft_model, getattr(model_args, "lora_dtype", "float32"))
     if engine:
         from qwen_sft.moe import enable_expert_lora
 

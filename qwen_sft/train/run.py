@@ -229,7 +229,8 @@ def run(config: Config) -> dict:
                          processing_class=tokenizer, router_aux_loss_coef=coef, artifacts_dir=out,
                          callbacks=[ArtifactsCallback(out, config.run.loss_curve)],
                          chunked_loss=r.chunked_loss, loss_chunk_tokens=r.loss_chunk_tokens,
-                         max_tokens_per_batch=budget, offload_activations=r.offload_activations)
+                         max_tokens_per_batch=budget, offload_activations=r.offload_activations,
+                         optim_foreach=r.optim_foreach)
     result = trainer.train(resume_from_checkpoint=resume)
     # --- save: every file, then the completion marker last (a kill before it leaves an adapter everyone refuses)
     try:

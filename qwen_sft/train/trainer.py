@@ -44,8 +44,10 @@ def peak_memory_gib() -> float:
 class SFTTrainer(Trainer):
     def __init__(self, *args, router_aux_loss_coef: float = 0.0, artifacts_dir: Path | None = None,
                  chunked_loss: bool = True, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 max_tokens_per_batch: int | None = None, offload_activations: bool = False, **kwargs) -> None:
+                 max_tokens_per_batch: int | None = None, offload_activations: bool = False,
+                 optim_foreach: bool | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.optim_foreach = optim_foreach
         self.router_aux_loss_coef = router_aux_loss_coef
         self.artifacts_dir = artifacts_dir
         self.chunked_loss, self.loss_chunk_tokens = chunked_loss, loss_chunk_tokens
@@ -95,6 +97,15 @@ class SFTTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
                            else self.args.n_gpu)
         return loss, outputs
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer (decay groups, bitsandbytes' embedding override), with ``optim_foreach`` applied."""
+        if self.optimizer is None and self.optim_foreach is not None and self.optimizer_cls_and_kwargs is None:
+            from qwen_sft.train.optim import optimizer_cls_and_kwargs
+
+            self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(self.args, self.model if model is None
+                                                                     else model, foreach=self.optim_foreach)
+        return super().create_optimizer(model)
 
     def get_train_dataloader(self):
         if self.max_tokens_per_batch is None:

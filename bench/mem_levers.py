@@ -1,0 +1,167 @@
+"""Issue 14's memory levers, each traced on fake tensors at the real size (qwen_sft.trace): one line per setting.
+
+    PYTHONPATH=$PWD python bench/mem_levers.py ../shared/spec/qwen3-coder-30b-a3b-instruct/config.json \\
+        --seq 2048 --set "recipe:chunked_loss=1,optim=adamw_bnb_8bit,lora_dtype=bfloat16" --set "hf:chunked_loss=0"
+
+A setting is ``name:key=value,...`` over: ``chunked_loss`` (0/1, qwen_sft/train/loss.py), ``optim`` (a Trainer
+optim name: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit), ``foreach`` (0/1/none: torch AdamW's multi-tensor
+update), ``lora_dtype`` (float32/bfloat16), ``offload`` (0/1: activations saved outside the checkpointed layers
+go to the host, as --offload_activations does), ``chunk_experts`` (the engine's dequantize chunk), ``expert_lora``
+(0/1), ``loss_chunk`` (tokens per lm_head chunk of the chunked loss), ``checkpointing`` (0/1), ``layers`` (fit/all). The trace counts a paged optimizer's state (CUDA managed
+memory, invisible to ``torch.cuda.max_memory_allocated``) as optimizer state: same bytes, on the card.
+The model, engine, LoRA, loss and optimizer are the training code's own (qwen_sft.train, qwen_sft.moe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+GiB = 2**30
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULTS = {"chunked_loss": "1", "optim": "adamw_torch", "foreach": "none", "lora_dtype": "float32", "offload": "0",
+            "chunk_experts": "32", "expert_lora": "1", "checkpointing": "1", "layers": "fit", "r": "8",
+            "loss_chunk": "1024"}
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, str]]:
+    name, _, body = text.partition(":")
+    opts = dict(DEFAULTS)
+    for kv in filter(None, body.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in DEFAULTS:
+            raise SystemExit(f"setting {name!r}: unknown key {k!r} (known: {', '.join(DEFAULTS)})")
+        opts[k] = v
+    return name, opts
+
+
+@contextlib.contextmanager
+def offload_to_host():
+    """``torch.autograd.graph.save_on_cpu`` for a trace: saved tensors leave the traced device for "meta" (the
+    tracker counts them as host bytes) and come back as a fresh tensor in backward."""
+    def pack(t):
+        return t.device, t.to("meta")
+
+    def unpack(packed):
+        device, t = packed
+        return torch.empty_like(t, device=device)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def loss_fn(chunked: bool, offload: bool, chunk_tokens: int = 1024):
+    from qwen_sft.train.loss import causal_lm, chunked_lm_loss, forward_hidden
+
+    def fn(model, batch):
+        with offload_to_host() if offload else contextlib.nullcontext():
+            if not chunked:
+                return model(**batch).loss
+            inputs = dict(batch)
+            labels = inputs.pop("labels")
+            causal = causal_lm(model)
+            hidden, _ = forward_hidden(model, causal, inputs)
+            # The lm_head as a plain function (same op): the tracker's module hooks allow one call per module.
+            head = functools.partial(F.linear, weight=causal.lm_head.weight)
+            return chunked_lm_loss(hidden, head, labels, position_ids=inputs.get("position_ids"),
+                                   chunk_tokens=chunk_tokens)
+    return fn
+
+
+@contextlib.contextmanager
+def patched_trace(foreach: bool | None, chunk_experts: int):
+    """The trace's optimizer is the trainer's (qwen_sft.train.optim, with foreach); the engine's chunk set."""
+    import qwen_sft.trace.run as trun
+    from qwen_sft.moe.experts import ExpertEngine
+    from qwen_sft.train.optim import make_optimizer
+
+    orig_opt, orig_build = trun.make_optimizer, trun.build_model
+
+    def opt(model, optim, learning_rate=1e-4, training_args=None):
+        from transformers import TrainingArguments
+
+        args = training_args or TrainingArguments(output_dir="/nonexistent-trace", optim=optim,
+                                                  learning_rate=learning_rate, use_cpu=True, report_to="none")
+        if "bnb" in optim or "8bit" in optim:
+            # bitsandbytes builds its 8-bit code tables with data-dependent ops in __init__: on real tensors.
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return make_optimizer(model, args, foreach=foreach)
+        return make_optimizer(model, args, foreach=foreach)
+
+    def build(*a, **kw):
+        built = orig_build(*a, **kw)
+        for m in built.model.modules():
+            if isinstance(m, ExpertEngine):
+                m.chunk_experts = chunk_experts
+        return built
+
+    trun.make_optimizer, trun.build_model = opt, build
+    try:
+        yield
+    finally:
+        trun.make_optimizer, trun.build_model = orig_opt, orig_build
+
+
+def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
+    from qwen_sft.trace import StepPlan, measure
+    from qwen_sft.train.args import ModelArguments
+
+    r = int(opts["r"])
+    targets = ATTENTION + (["gate_up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
+    adapter = tmp / "adapter_config.json"
+    adapter.write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": targets}))
+    model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
+                                lora_dtype=opts["lora_dtype"])
+    plan = StepPlan(seq=seq, loss_fn=loss_fn(opts["chunked_loss"] == "1", opts["offload"] == "1",
+                                          int(opts["loss_chunk"])))
+    foreach = None if opts["foreach"] == "none" else opts["foreach"] == "1"
+    t0 = time.perf_counter()
+    with patched_trace(foreach, int(opts["chunk_experts"])):
+        m = measure(config, model_args, plan, gradient_checkpointing=opts["checkpointing"] == "1",
+                    optim=opts["optim"], layers=opts["layers"])
+    return m, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="config.json of the model (the real 30B-A3B's, or a tiny one)")
+    p.add_argument("--seq", type=int, action="append", help="tokens of the micro-batch (repeatable; default 2048)")
+    p.add_argument("--set", dest="settings", action="append", default=[], help="name:key=value,... (repeatable)")
+    p.add_argument("--json", help="also write the reports here")
+    a = p.parse_args(argv)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(Path(a.config).parent))
+    rows = []
+    for seq in a.seq or [2048]:
+        for text in a.settings or ["default:"]:
+            name, opts = parse_setting(text)
+            with tempfile.TemporaryDirectory() as tmp:
+                m, secs = run_setting(config, opts, seq, Path(tmp))
+            rep = m.report
+            breakdown = {row.name: row.bytes for row in rep.rows}
+            rows.append({"name": name, "seq": seq, "opts": opts, "peak": rep.peak, "planned": rep.planned,
+                         "peak_phase": rep.peak_phase, "host": rep.host_bytes, "breakdown": breakdown,
+                         "traced": m.traced_layers, "seconds": round(secs, 1)})
+            print(f"{name:<24} seq {seq:>6}: peak {rep.peak / GiB:6.2f} GiB at the {rep.peak_phase:<10} "
+                  f"planned {rep.planned / GiB:6.2f}  host {rep.host_bytes / GiB:5.2f}  ({secs:.0f} s, "
+                  f"{m.traced_layers})", flush=True)
+            for k, v in breakdown.items():
+                print(f"    {k:<48}{v / GiB:8.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
