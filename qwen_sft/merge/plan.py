@@ -21,7 +21,7 @@ from typing import Any, Literal
 from qwen_sft.merge.adapter import Adapter, MergeError
 
 # Model types whose fused experts are [E, out, in] with gate_up = cat(gate, up) per expert (peft swaps in/out).
-FUSED_EXPERT_MODEL_TYPES = {"qwen3_moe", "qwen2_moe"}
+FUSED_EXPERT_MODEL_TYPES = {"qwen3_moe", "qwen2_moe", "qwen3_next"}
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 

@@ -102,7 +102,10 @@ def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer_
     kwargs = {"dtype": torch.bfloat16, **_device_kwargs(device)}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     try:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        from qwen_sft.moe.peft_targets import peft_targets_as_named
+
+        with peft_targets_as_named(model):  # qwen3_next: peft would drop the shared expert's LoRA
+            model = PeftModel.from_pretrained(model, adapter_dir)
     except (ValueError, RuntimeError, KeyError) as err:  # e.g. lora_dropout != 0 on target_parameters
         raise MergeError(f"peft cannot load {adapter_dir} for the reference forward ({err}); the merged weights "
                          "cannot be checked against it. Fix the adapter config, or pass --no_verify.") from err

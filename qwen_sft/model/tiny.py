@@ -1,6 +1,7 @@
 """A loadable Qwen3-MoE model directory with the Qwen3-Coder architecture scaled down.
 
     qwen-sft make-tiny-model ./tiny-qwen3-moe --layers 2 --hidden 64 --experts 8 --active 2
+    qwen-sft make-tiny-model ./tiny-qwen3-next --model_type qwen3_next   # 4 layers (both kinds), 16 experts, top-10
 
 Same module layout, vocabulary (151,936 embedding rows) and tokenizer as
 Qwen3-Coder-30B-A3B-Instruct; only the sizes shrink. Weights are random (seeded), so the
@@ -33,9 +34,72 @@ class TinySpec:
     moe_intermediate: int = 32
     max_positions: int = 4096
     seed: int = 0
+    # qwen3_next (Qwen3-Coder-Next) only: a Gated DeltaNet layer everywhere except every
+    # ``full_attention_interval``-th layer (gated full attention), and a sigmoid-gated shared expert.
+    model_type: str = "qwen3_moe"
+    full_attention_interval: int = 2
+    shared_intermediate: int = 32
+    linear_key_heads: int = 2
+    linear_value_heads: int = 4
+    linear_head_dim: int = 16
+
+
+MODEL_TYPES = ("qwen3_moe", "qwen3_next")
+# Sizes that make the default tiny qwen3_next cover what the real one has: both layer kinds twice,
+# 16 experts with 10 active (the real top-k), a shared expert.
+NEXT_DEFAULTS = {"layers": 4, "experts": 16, "active": 10}
 
 
 def tiny_config(spec: TinySpec):
+    """The tiny model's config: ``Qwen3MoeConfig`` or, for ``model_type="qwen3_next"``, ``Qwen3NextConfig``."""
+    if spec.model_type == "qwen3_next":
+        return tiny_next_config(spec)
+    if spec.model_type != "qwen3_moe":
+        raise ValueError(f"tiny model_type must be one of {MODEL_TYPES}, got {spec.model_type!r}")
+    return tiny_moe_config(spec)
+
+
+def tiny_next_config(spec: TinySpec):
+    """A ``Qwen3NextConfig`` with Qwen3-Coder-Next's structure: hybrid Gated DeltaNet / gated attention
+    (partial rotary 0.25), MoE in every layer with a shared expert, untied embeddings, no MTP head."""
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(
+        vocab_size=VOCAB_ROWS,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.moe_intermediate * 2,
+        moe_intermediate_size=spec.moe_intermediate,
+        shared_expert_intermediate_size=spec.shared_intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim,
+        linear_num_key_heads=spec.linear_key_heads,
+        linear_num_value_heads=spec.linear_value_heads,
+        linear_key_head_dim=spec.linear_head_dim,
+        linear_value_head_dim=spec.linear_head_dim,
+        linear_conv_kernel_dim=4,
+        full_attention_interval=spec.full_attention_interval,
+        num_experts=spec.experts,
+        num_experts_per_tok=spec.active,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.25},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        router_aux_loss_coef=0.0,
+        output_router_logits=False,
+        bos_token_id=None,
+        eos_token_id=151645,
+        pad_token_id=151643,
+        use_cache=True,
+        dtype="bfloat16",
+    )
+
+
+def tiny_moe_config(spec: TinySpec):
     """A ``Qwen3MoeConfig`` with Qwen3-Coder's structure (qk-norm, untied embeddings, no shared expert)."""
     from transformers import Qwen3MoeConfig
 
@@ -70,16 +134,21 @@ def tiny_config(spec: TinySpec):
 def build_tiny_model(spec: TinySpec):
     """Instantiate the tiny model with seeded random weights (fp32 in memory)."""
     import torch
-    from transformers import Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeForCausalLM, Qwen3NextForCausalLM
 
     torch.manual_seed(spec.seed)
-    model = Qwen3MoeForCausalLM(tiny_config(spec))
+    cls = Qwen3NextForCausalLM if spec.model_type == "qwen3_next" else Qwen3MoeForCausalLM
+    model = cls(tiny_config(spec))
     # Routers start at zero in transformers' init; give them random weights so routing is non-trivial.
+    # The shared-expert gate too, so a test that drops or mis-gates the shared expert changes the logits.
     with torch.no_grad():
         for layer in model.model.layers:
             gate = getattr(layer.mlp, "gate", None)
             if gate is not None and hasattr(gate, "weight"):
                 gate.weight.normal_(0.0, 0.5)
+            shared_gate = getattr(layer.mlp, "shared_expert_gate", None)
+            if shared_gate is not None:
+                shared_gate.weight.normal_(0.0, 0.5)
     return model
 
 
@@ -112,27 +181,40 @@ def main(argv: list[str] | None = None) -> int:
     defaults = TinySpec()
     p = argparse.ArgumentParser(
         prog="qwen-sft make-tiny-model",
-        description="Write a tiny random-weight Qwen3-MoE model with Qwen3-Coder's architecture and tokenizer.",
+        description="Write a tiny random-weight Qwen3-MoE (or Qwen3-Next) model with Qwen3-Coder's "
+                    "architecture and tokenizer.",
         epilog="example: qwen-sft make-tiny-model ./tiny-qwen3-moe --layers 2 --hidden 64 --experts 8 --active 2",
     )
     p.add_argument("out", help="output directory")
-    p.add_argument("--layers", type=int, default=defaults.layers)
+    p.add_argument("--model_type", "--model-type", dest="model_type", default=defaults.model_type,
+                   choices=MODEL_TYPES, help="qwen3_moe (Qwen3-Coder-30B-A3B) or qwen3_next (Qwen3-Coder-Next)")
+    p.add_argument("--layers", type=int, default=None, help=f"default {defaults.layers} ({NEXT_DEFAULTS['layers']} "
+                   "for qwen3_next)")
     p.add_argument("--hidden", type=int, default=defaults.hidden)
     p.add_argument("--heads", type=int, default=defaults.heads)
     p.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
     p.add_argument("--head-dim", type=int, default=defaults.head_dim)
-    p.add_argument("--experts", type=int, default=defaults.experts)
-    p.add_argument("--active", type=int, default=defaults.active, help="experts per token (top-k)")
+    p.add_argument("--experts", type=int, default=None, help=f"default {defaults.experts} "
+                   f"({NEXT_DEFAULTS['experts']} for qwen3_next)")
+    p.add_argument("--active", type=int, default=None, help=f"experts per token (top-k); default {defaults.active} "
+                   f"({NEXT_DEFAULTS['active']} for qwen3_next)")
     p.add_argument("--moe-intermediate", type=int, default=defaults.moe_intermediate)
+    p.add_argument("--full-attention-interval", type=int, default=defaults.full_attention_interval,
+                   help="qwen3_next: every N-th layer is full attention, the rest Gated DeltaNet")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to save with it (default: the offline-built Qwen3-Coder tokenizer)")
     a = p.parse_args(argv)
+    base = NEXT_DEFAULTS if a.model_type == "qwen3_next" else {}
+    for key in ("layers", "experts", "active"):
+        if getattr(a, key) is None:
+            setattr(a, key, base.get(key, getattr(defaults, key)))
     if a.active > a.experts:
         p.error(f"--active ({a.active}) cannot exceed --experts ({a.experts})")
     spec = TinySpec(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
-                    experts=a.experts, active=a.active, moe_intermediate=a.moe_intermediate, seed=a.seed)
+                    experts=a.experts, active=a.active, moe_intermediate=a.moe_intermediate, seed=a.seed,
+                    model_type=a.model_type, full_attention_interval=a.full_attention_interval)
     out = make_tiny_model(a.out, spec, tokenizer=a.tokenizer, dtype=a.dtype)
     print(f"wrote {out}")
     return 0

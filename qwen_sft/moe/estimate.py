@@ -57,6 +57,19 @@ class ModelShape:
     qkv_bias: bool = False
     moe_layers: int = 0
     name: str = ""
+    # qwen3_next (Qwen3-Coder-Next): Gated DeltaNet layers, gated attention (q_proj doubled), a shared expert
+    linear_layers: int = 0
+    linear_key_dim: int = 0  # linear_num_key_heads * linear_key_head_dim
+    linear_value_dim: int = 0  # linear_num_value_heads * linear_value_head_dim
+    linear_value_heads: int = 0
+    linear_head_v: int = 0
+    linear_conv: int = 0
+    attn_gate: bool = False
+    shared_intermediate: int = 0
+
+    @property
+    def attention_layers(self) -> int:
+        return self.layers - self.linear_layers
 
     @classmethod
     def from_config(cls, cfg: dict) -> ModelShape:
@@ -76,23 +89,49 @@ class ModelShape:
                    active=int(cfg.get("num_experts_per_tok") or 0),
                    moe_intermediate=int(cfg.get("moe_intermediate_size") or 0),
                    tied=bool(cfg.get("tie_word_embeddings", False)),
-                   qk_norm=cfg.get("model_type") in ("qwen3", "qwen3_moe") or bool(cfg.get("use_qk_norm")),
+                   qk_norm=cfg.get("model_type") in ("qwen3", "qwen3_moe", "qwen3_next") or bool(cfg.get("use_qk_norm")),
                    # Qwen2 / Qwen2.5 always carry q/k/v biases; others say so with attention_bias
                    qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ("qwen2", "qwen2_moe"))),
-                   moe_layers=moe_layers, name=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0])
+                   moe_layers=moe_layers, name=(cfg.get("architectures") or [cfg.get("model_type", "?")])[0],
+                   **_next_fields(cfg))
+
+
+def _next_fields(cfg: dict) -> dict:
+    """qwen3_next's extra sizes (Qwen3NextConfig field names); empty for every other model type."""
+    if cfg.get("model_type") != "qwen3_next":
+        return {}
+    layers = cfg["num_hidden_layers"]
+    kinds = cfg.get("layer_types") or ["linear_attention" if (i + 1) % int(cfg.get("full_attention_interval", 4))
+                                       else "full_attention" for i in range(layers)]
+    vh, hv = int(cfg.get("linear_num_value_heads", 32)), int(cfg.get("linear_value_head_dim", 128))
+    return {"linear_layers": kinds.count("linear_attention"), "attn_gate": True,
+            "linear_key_dim": int(cfg.get("linear_num_key_heads", 16)) * int(cfg.get("linear_key_head_dim", 128)),
+            "linear_value_dim": vh * hv, "linear_value_heads": vh, "linear_head_v": hv,
+            "linear_conv": int(cfg.get("linear_conv_kernel_dim", 4)),
+            "shared_intermediate": int(cfg.get("shared_expert_intermediate_size") or 0)}
 
 
 def parameter_groups(m: ModelShape) -> dict[str, list[int]]:
     """Component -> sizes of its individual weight tensors (so NF4 scales are priced per tensor, as stored)."""
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     dense_layers = m.layers - m.moe_layers
-    attn = [m.hidden * q, m.hidden * kv, m.hidden * kv, q * m.hidden] * m.layers
+    q_out = 2 * q if m.attn_gate else q  # gated attention: q_proj also emits the output gate
+    attn = [m.hidden * q_out, m.hidden * kv, m.hidden * kv, q * m.hidden] * m.attention_layers
+    k, v, vh = m.linear_key_dim, m.linear_value_dim, m.linear_value_heads
+    # Gated DeltaNet: in_proj_qkvz, in_proj_ba, out_proj (Linears); depthwise conv, A_log, dt_bias, gated norm
+    linear = [m.hidden * (2 * k + 2 * v), m.hidden * 2 * vh, v * m.hidden] * m.linear_layers
+    linear_small = [(2 * k + v) * m.linear_conv, vh, vh, m.linear_head_v] * m.linear_layers
+    shared = [m.hidden * m.shared_intermediate] * 3 * (m.moe_layers if m.shared_intermediate else 0)
     groups = {
         "embeddings": [m.vocab * m.hidden],
         "lm_head": [] if m.tied else [m.vocab * m.hidden],
         "attention (q/k/v/o)": attn,
-        "norms + routers": [2 * m.hidden] * m.layers + [m.hidden] + ([2 * m.head_dim] * m.layers if m.qk_norm else [])
-        + [m.experts * m.hidden] * m.moe_layers + ([q + 2 * kv] * m.layers if m.qkv_bias else []),
+        "linear attention (Gated DeltaNet)": linear,
+        "norms + routers": [2 * m.hidden] * m.layers + [m.hidden]
+        + ([2 * m.head_dim] * m.attention_layers if m.qk_norm else [])
+        + [m.experts * m.hidden] * m.moe_layers + ([q + 2 * kv] * m.layers if m.qkv_bias else []) + linear_small
+        + ([m.hidden] * m.moe_layers if m.shared_intermediate else []),  # the shared expert's 1-row sigmoid gate
+        "shared expert": shared,
         "dense MLP": [m.hidden * m.intermediate] * 3 * dense_layers,
         # The expert engine stores each layer's fused gate_up [E, 2I, H] and down [E, H, I] as one tensor each.
         "routed experts": [m.experts * 2 * m.moe_intermediate * m.hidden, m.experts * m.hidden * m.moe_intermediate]
@@ -104,8 +143,14 @@ def parameter_groups(m: ModelShape) -> dict[str, list[int]]:
 def lora_params(m: ModelShape, r: int, experts: bool = True) -> int:
     """LoRA on q/k/v/o (+ gate/up/down of dense MLPs) and, with the engine, per-expert rank-r factors."""
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-    n = m.layers * r * ((m.hidden + q) + 2 * (m.hidden + kv) + (q + m.hidden))
+    q_out = 2 * q if m.attn_gate else q
+    n = m.attention_layers * r * ((m.hidden + q_out) + 2 * (m.hidden + kv) + (q + m.hidden))
     n += (m.layers - m.moe_layers) * r * (2 * (m.hidden + m.intermediate) + (m.intermediate + m.hidden))
+    # qwen3_next: Gated DeltaNet in_proj_qkvz, in_proj_ba, out_proj; the shared expert's gate/up/down
+    k, v = m.linear_key_dim, m.linear_value_dim
+    n += m.linear_layers * r * ((m.hidden + 2 * k + 2 * v) + (m.hidden + 2 * m.linear_value_heads) + (v + m.hidden))
+    if m.shared_intermediate:
+        n += m.moe_layers * r * (2 * (m.hidden + m.shared_intermediate) + (m.shared_intermediate + m.hidden))
     if experts:
         n += m.moe_layers * m.experts * r * ((m.hidden + 2 * m.moe_intermediate) + (m.moe_intermediate + m.hidden))
     return n
@@ -182,7 +227,15 @@ def activation_bytes(m: ModelShape, o: Options) -> tuple[int, int, int]:
     # routed experts (engine): routed inputs K*H, pre-activations K*2I, r-wide LoRA intermediates; router fp32
     moe = m.active * (m.hidden + 2 * m.moe_intermediate + 2 * o.lora_r) + 4 * m.experts
     dense = 4 * m.intermediate
-    per_layer = [attn + (moe if i < m.moe_layers else dense) for i in range(m.layers)]
+    if m.attn_gate:
+        attn += 2 * q  # gated attention: the gate half of q_proj and the gated output
+    # qwen3_next Gated DeltaNet (a formula, like the rest; the fake-tensor trace measures): norm in/out,
+    # qkvz + ba projections, conv output, the fp32 q/k/v copies of the chunked delta rule, gated norm + out_proj
+    k, v = m.linear_key_dim, m.linear_value_dim
+    linear = 4 * m.hidden + (2 * k + 2 * v) + 2 * m.linear_value_heads + (2 * k + v) + 2 * (2 * k + v) + 3 * v
+    moe += 3 * m.shared_intermediate  # shared expert: gate, up pre-activations and their product
+    per_layer = [(linear if i < m.linear_layers else attn) + (moe if i < m.moe_layers else dense)
+                 for i in range(m.layers)]
     full = 2 * tokens * sum(per_layer)
     # checkpointing keeps each layer's input, and recomputes one layer at a time (its full set, transiently)
     inputs = 2 * tokens * m.layers * m.hidden
@@ -224,7 +277,8 @@ def estimate(m: ModelShape, o: Options) -> Estimate:
     est.params_active = est.params_total - est.params_experts + est.params_experts * m.active // max(m.experts, 1)
     shard_w = o.gpus if o.zero == 3 else 1
     for name, sizes in groups.items():
-        nf4 = o.mode == "qlora" and name in ("attention (q/k/v/o)", "dense MLP", "routed experts")
+        nf4 = o.mode == "qlora" and name in ("attention (q/k/v/o)", "dense MLP", "routed experts",
+                                             "linear attention (Gated DeltaNet)", "shared expert")
         b = sum(nf4_bytes(n, double_quant=o.double_quant) for n in sizes) if nf4 else 2 * sum(sizes)
         if o.offload and o.zero == 3:
             b = 0  # parameters live in CPU memory, fetched layer by layer

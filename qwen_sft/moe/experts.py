@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 
 from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
@@ -42,6 +43,9 @@ def grouped_mm_usable(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
         return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if is_fake(x):
+        # A fake-tensor trace (qwen_sft/trace) stands for a CUDA run, and grouped GEMM's meta kernel is bf16-only.
+        return x.dtype == torch.bfloat16
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
 
 

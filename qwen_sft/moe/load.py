@@ -29,6 +29,19 @@ from qwen_sft.moe.install import EngineReport, ExpertLoraSpec, build_engine
 _PER_EXPERT = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# qwen3_next (Qwen3-Coder-Next): the Gated DeltaNet projections and the shared expert are ordinary Linears,
+# 4-bit under QLoRA like attention. Its 1-row shared_expert_gate stays 16-bit, like the router (and like
+# BitsAndBytesConfig with llm_int8_skip_modules=["gate", ...], which skips names ending in "gate").
+LINEAR_ATTENTION_LINEARS = ("in_proj_qkvz", "in_proj_ba", "out_proj")
+SHARED_EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def quantized_linear(module_name: str) -> bool:
+    """Whether ``quantize_attention`` stores this Linear in NF4 (attention, linear attention, shared expert)."""
+    parent, _, leaf = module_name.rpartition(".")
+    if leaf in ATTENTION_LINEARS or leaf in LINEAR_ATTENTION_LINEARS:
+        return True
+    return leaf in SHARED_EXPERT_LINEARS and parent.endswith(".shared_expert")
 
 
 def resolve_model_dir(name_or_path: str | Path, cache_dir: str | None = None) -> Path:
@@ -135,6 +148,8 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
     shards = _Shards()
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     unexpected = []
+    # What from_pretrained drops too, e.g. qwen3_next's multi-token-prediction head (``mtp.*``), unused in SFT.
+    ignored = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     for key, path in wmap.items():
         if m := _PER_EXPERT.match(key):
             expert_parts[m["block"]][(int(m["e"]), m["proj"])] = (path, key)
@@ -143,14 +158,14 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
         elif key in own:
             value = shards.get(path, key)
             module_name, _, leaf = key.rpartition(".")
-            if quantize_attention and leaf == "weight" and module_name.rsplit(".", 1)[-1] in ATTENTION_LINEARS:
+            if quantize_attention and leaf == "weight" and quantized_linear(module_name):
                 parent_name, _, child = module_name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child,
                         _nf4_linear(value, compute_dtype, double_quant, device))
             else:
                 dtype = compute_dtype if value.is_floating_point() else None
                 set_module_tensor_to_device(model, key, device, value=value, dtype=dtype)
-        else:
+        elif not any(re.search(pattern, key) for pattern in ignored):
             unexpected.append(key)
     if unexpected:
         raise ValueError(f"{model_dir}: {len(unexpected)} checkpoint tensors match nothing in "

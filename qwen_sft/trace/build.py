@@ -68,12 +68,13 @@ def _fake_nf4_linear(weight: torch.Tensor, compute_dtype: torch.dtype, double_qu
 def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, attention_only: bool) -> None:
     """Linear layers to NF4: q/k/v/o as ``load_moe_model(quantize_attention=True)`` does (the engine), or every
     Linear but the router, embeddings and lm_head as ``BitsAndBytesConfig(load_in_4bit)`` does (no engine)."""
-    from qwen_sft.moe.load import _nf4_linear
+    from qwen_sft.moe.load import _nf4_linear, quantized_linear
     from qwen_sft.train.model import NOT_QUANTIZED
 
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        wanted = leaf in ATTENTION_LINEARS if attention_only else leaf not in NOT_QUANTIZED
+        # quantized_linear: q/k/v/o, plus qwen3_next's Gated DeltaNet projections and shared expert
+        wanted = quantized_linear(name) if attention_only else leaf not in NOT_QUANTIZED
         if wanted and type(module) is nn.Linear:
             parent_name, _, child = name.rpartition(".")
             w = module.weight.detach()

@@ -42,6 +42,25 @@ def expert_memory_gib(config, bits: float = 16.0) -> float:
     return len(moe_layers) * per_layer * bits / 8 / 2**30
 
 
+def linear_attention_layers(config) -> list[int]:
+    """Layers whose token mixer is linear attention (qwen3_next's Gated DeltaNet); empty for qwen3_moe."""
+    return [i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "linear_attention"]
+
+
+def resolve_packing(config, packing: bool) -> bool:
+    """Packing off for models with linear-attention layers: their recurrent state and short causal conv run
+    straight across the samples of a packed row. transformers' torch fallbacks (causal_conv1d_fn,
+    torch_chunk_gated_delta_rule) ignore position_ids and cu_seqlens, so packed != unpacked there
+    (tests/test_next_packing.py); right-padding is exact (padded positions are zeroed and come last)."""
+    layers = linear_attention_layers(config)
+    if packing and layers:
+        log(f"packing=False (was True): {getattr(config, 'model_type', '?')} has {len(layers)} linear-attention "
+            f"(Gated DeltaNet) layers whose state would flow from one packed sample into the next; batches are "
+            f"padded to the longest sample instead")
+        return False
+    return packing
+
+
 def _size(gib: float) -> str:
     return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.2f} MiB"
 
@@ -191,6 +210,8 @@ def lora_targets(model, names: list[str]) -> tuple[list[str], list[str]]:
     for name in names:
         if name in linear:
             modules.append(name)
+            if name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
+                params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")  # qwen3_next: shared expert + routed
         elif name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
             params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")
         elif name in fused:
@@ -210,6 +231,13 @@ def lora_settings(cfg: dict) -> tuple[int, float, float, dict, dict]:
         rank_pattern.setdefault("gate_up_proj", 2 * r)
         alpha_pattern.setdefault("gate_up_proj", 2 * alpha)
     return r, alpha, dropout, rank_pattern, alpha_pattern
+
+
+def shared_expert_targets(model, names: list[str]) -> list[str]:
+    """qwen3_next: the adapter's gate_proj/up_proj/down_proj also name the shared expert's Linears. The engine
+    carries the routed experts' LoRA, so peft gets them as ``shared_expert.<name>`` (a suffix match)."""
+    shared = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if ".mlp.shared_expert." in n}
+    return [f"shared_expert.{n}" for n in names if n in EXPERT_NAME_MAP and n in shared]
 
 
 def has_expert_engine(model) -> bool:
@@ -233,6 +261,7 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
 
         # The engine already carries the expert LoRA; peft gets the attention (and other Linear) targets only.
         modules = [m for m in modules if m not in EXPERT_NAME_MAP and m not in EXPERT_PARAMS]
+        modules += shared_expert_targets(model, cfg.get("target_modules") or [])
         params = []
     if model_args.use_qlora or gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or the frozen base cuts the graph.
@@ -245,7 +274,10 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
         # peft checks rank/alpha patterns against target_modules only and calls the gate_up_proj entry unused;
         # the fused parameter does get rank 2r (tests/test_train_model.py checks the adapter shapes).
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match.*")
-        peft_model = get_peft_model(model, lora)
+        from qwen_sft.moe.peft_targets import peft_targets_as_named
+
+        with peft_targets_as_named(model):  # qwen3_next: keep the shared expert's LoRA (see that module)
+            peft_model = get_peft_model(model, lora)
     if engine:
         from qwen_sft.moe import enable_expert_lora
 
@@ -275,7 +307,7 @@ def freeze_router(model, train_router: bool) -> None:
 
 
 def parameter_group(name: str) -> str:
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".linear_attn." in name:  # linear_attn: qwen3_next's Gated DeltaNet
         return "attention"
     if ".mlp.experts." in name or ".mlp.experts" in name.rsplit(".", 2)[0]:
         return "experts"

@@ -26,6 +26,7 @@ from qwen_sft.train.model import (
     load_model,
     log,
     parameter_groups,
+    resolve_packing,
 )
 from qwen_sft.train.validate import validate
 
@@ -146,6 +147,7 @@ def run(config: Config) -> dict:
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir,
                                               trust_remote_code=m.trust_remote_code)
     tokenizer = load_tokenizer(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
+    d.packing = resolve_packing(model_config, d.packing)  # off for linear-attention models (qwen3_next)
     # TrainingArguments resolves an unset gradient_checkpointing to False (never None) and Trainer reads the
     # activation_checkpointing* names: decide the LoRA default from whether the user set either name.
     if m.use_peft and not {"gradient_checkpointing", "activation_checkpointing"} & set(config.origins):
