@@ -80,6 +80,23 @@ def test_trace_counts_what_the_step_holds():
     assert first.result.peak_bytes < r.peak_bytes  # no gradients of an earlier micro-batch
 
 
+def test_chunked_loss_traces_as_it_runs():
+    """The run's default loss (qwen_sft/train/loss.py) plugged into the step: fake equals real, and the loss holds
+    one chunk of logits (fp32 model: logits, softmax and their gradient, 12 bytes a logit) instead of all of them."""
+    from qwen_sft.trace.step import chunked_loss
+
+    plan = StepPlan(seq=128, batch=1, loss_fn=chunked_loss(32))
+    fake = trace(_tiny(), model_args(True), plan=plan, gradient_checkpointing=True, fake=True)
+    real = trace(_tiny(), model_args(True), plan=plan, gradient_checkpointing=True, fake=False)
+    assert fake.result.peak_bytes == real.result.peak_bytes
+    assert fake.result.breakdown == real.result.breakdown
+    full = trace(_tiny(), model_args(True), plan=StepPlan(seq=128, batch=1), gradient_checkpointing=True)
+    loss = lambda r: r.breakdown["loss/logits"] + r.breakdown["transients (backward, loss)"]  # noqa: E731
+    assert loss(full.result) == pytest.approx(12 * 128 * 151_936, rel=0.01)
+    assert loss(fake.result) == pytest.approx(12 * 32 * 151_936, rel=0.05)
+    assert fake.result.peak_bytes < full.result.peak_bytes
+
+
 def test_layer_fit_equals_full_trace():
     """Two short traces extrapolated linearly give a longer model's trace, row for row."""
     from qwen_sft.trace.report import extrapolate, extrapolate_static

@@ -220,6 +220,28 @@ def test_weights_missing_offline_stops_first_with_the_download_command(tiny_mode
     assert not (tmp_path / "c").exists()
 
 
+def test_dry_run_rehearses_without_weights_and_warns(tiny_model_dir, tmp_path, monkeypatch):
+    """Offline, config and tokenizer cached, no weights: a real run stops (above); a dry run, which never loads
+    weights, goes on and says what the real run will do."""
+    from qwen_sft.train.validate import _model_problems, coerce, with_defaults
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = tmp_path / "hub"
+    _half_cache(hub, tiny_model_dir)
+    raw = {"model_name_or_path": MODEL_ID, "cache_dir": str(hub), "use_qlora": True,
+           "peft_config_path": str(REPO / "configs/lora")}
+    for dry_run in (False, True):
+        problems: list[str] = []
+        info = _model_problems(with_defaults(coerce({**raw, "dry_run": dry_run})[0]), problems)
+        if dry_run:
+            assert problems == [] and info["engine"] is True
+            assert info["warning"].startswith(f"model_name_or_path={MODEL_ID}: config.json but no weights")
+            assert info["warning"].endswith("the real run will stop or download)")
+        else:
+            assert len(problems) == 1 and "HF_HUB_OFFLINE=1 forbids downloading" in problems[0]
+            assert info["warning"] is None
+
+
 def test_weights_missing_online_are_downloaded_before_loading(tiny_model_dir, tmp_path, monkeypatch):
     from qwen_sft.train import download
 

@@ -120,9 +120,31 @@ def fake_swap_tensors():
         tu.swap_tensors = original
 
 
+@contextlib.contextmanager
+def without_zero3_init():
+    """A ZeRO-3 run's TrainingArguments (built before the dry run's rehearsal) make transformers build models under
+    ``deepspeed.zero.Init``, with empty partitioned parameters; the trace builds one rank's whole model and
+    computes the partitioning itself, so that switch is off while it builds."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def build_model(config, model_args: ModelArguments, *, gradient_checkpointing: bool, deepspeed_zero3: bool = False,
                 layers: int | None = None) -> Built:
     """See the module docstring. ``layers``: keep only the first N decoder layers (the layer-count shortcut)."""
+    with without_zero3_init():
+        return _build_model(config, model_args, gradient_checkpointing=gradient_checkpointing,
+                            deepspeed_zero3=deepspeed_zero3, layers=layers)
+
+
+def _build_model(config, model_args: ModelArguments, *, gradient_checkpointing: bool, deepspeed_zero3: bool,
+                 layers: int | None) -> Built:
     import copy
 
     from transformers import AutoModelForCausalLM

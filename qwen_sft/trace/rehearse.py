@@ -17,6 +17,7 @@ from pathlib import Path
 from qwen_sft.trace import Sharding, StepPlan, measure
 from qwen_sft.trace.cli import fits_line, parse_memory, render_measured
 from qwen_sft.trace.report import GiB
+from qwen_sft.trace.step import chunked_loss
 
 
 class RehearsalError(RuntimeError):
@@ -60,22 +61,24 @@ def rehearse(config, model_config, train_dataset) -> dict:
     """Trace the configured step; see the module docstring. Returns the figures for the dry run's result."""
     from qwen_sft.train.model import log
 
-    m, d, t = config.model, config.data, config.training
+    m, d, t, r = config.model, config.data, config.training, config.run
     if int(os.environ.get("RANK", "0")) != 0:
         return {}  # one rank traces; the others have the same micro-batch shapes
     lens = longest_micro_batch(train_dataset.lengths(), t.per_device_train_batch_size, d.model_max_length,
                                d.truncate_source)
-    optim = str(getattr(t.optim, "value", t.optim))
+    optim = optim_name = str(getattr(t.optim, "value", t.optim))
     notes = []
     if optim.startswith("paged_"):
         # Paged optimizers keep their state in CUDA managed memory (none on a CPU): trace the same optimizer
         # unpaged; its state is counted in the peak here, though torch.cuda.max_memory_allocated misses it.
         optim = optim[len("paged_"):]
-        notes.append(f"{t.optim}: traced as {optim} (same state, in device memory); on a GPU the paged state sits "
+        notes.append(f"{optim_name}: traced as {optim} (same state, in device memory); on a GPU the paged state sits "
                      f"in CUDA managed memory, which max_memory_allocated does not count")
     sharding = sharding_of(t)
     plan = StepPlan(seq=max(lens), batch=len(lens), packing=d.packing, sample_lengths=tuple(lens),
-                    accumulating=t.gradient_accumulation_steps > 1)
+                    accumulating=t.gradient_accumulation_steps > 1,
+                    loss_fn=chunked_loss(r.loss_chunk_tokens) if r.chunked_loss else None)
+    loss = f"chunked loss, {r.loss_chunk_tokens} tokens a chunk" if r.chunked_loss else "full logits (chunked_loss false)"
     if sharding.zero:
         notes.append("DeepSpeed replaces the Trainer's optimizer by its own (fp32 master weights); the trace "
                      "uses torch's AdamW for the traced rows and DeepSpeed's partitioning for the computed ones")
@@ -90,12 +93,12 @@ def rehearse(config, model_config, train_dataset) -> dict:
     name = (getattr(model_config, "architectures", None) or [model_config.model_type])[0]
     text = render_measured(measured, name, m.model_name_or_path,
                            f"the run's configuration: {'qlora' if m.use_qlora else 'lora' if m.use_peft else 'full'}"
-                           f", micro-batch {lens} tokens ({'packed' if d.packing else 'padded'}), optim {t.optim}, "
+                           f", micro-batch {lens} tokens ({'packed' if d.packing else 'padded'}), optim {optim_name}, {loss}, "
                            f"gradient checkpointing {bool(t.gradient_checkpointing)}, "
                            f"gradient_accumulation_steps {t.gradient_accumulation_steps}", "uniform")
     for line in text.splitlines():
         log(line)
-    memory, where = gpu_memory_bytes(config.run.gpu_memory)
+    memory, where = gpu_memory_bytes(r.gpu_memory)
     out = {"peak_gib": measured.report.peak / GiB, "planned_gib": measured.report.planned / GiB,
            "micro_batch": lens}
     if memory is None:

@@ -41,8 +41,9 @@ class StepPlan:
     count_flops: bool = True
     seed: int = 0
     sample_lengths: tuple[int, ...] | None = None  # the micro-batch's samples (default: ``batch`` of ``seq``)
-    # The loss of the step: None is transformers' (``model(**batch).loss``); a lever such as a chunked loss
-    # plugs in here as ``fn(model, batch) -> loss`` and is measured by the same trace.
+    # The loss of the step: None is transformers' (``model(**batch).loss``, full fp32 logits); a lever plugs in
+    # here as ``fn(model, batch) -> loss`` and is measured by the same trace. ``chunked_loss(n)`` is the run's
+    # default loss (``chunked_loss=True``, ``loss_chunk_tokens=n``: qwen_sft/train/loss.py).
     loss_fn: object = None
 
     def __post_init__(self) -> None:
@@ -50,6 +51,23 @@ class StepPlan:
             raise ValueError(f"routing must be uniform or skewed, got {self.routing!r}")
         if self.seq < 2 or self.batch < 1:
             raise ValueError(f"seq must be >= 2 and batch >= 1, got seq={self.seq} batch={self.batch}")
+
+
+def chunked_loss(chunk_tokens: int):
+    """The loss ``SFTTrainer._chunked_compute_loss`` computes, from the same functions (qwen_sft/train/loss.py):
+    the decoder's hidden states, then the lm_head and cross-entropy ``chunk_tokens`` supervised tokens at a time."""
+    from qwen_sft.train.loss import causal_lm, chunked_lm_loss, forward_hidden
+
+    def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        causal = causal_lm(model)
+        inputs = dict(batch)
+        labels = inputs.pop("labels")
+        hidden, _ = forward_hidden(model, causal, inputs)
+        return chunked_lm_loss(hidden, causal.lm_head, labels, position_ids=inputs.get("position_ids"),
+                               chunk_tokens=chunk_tokens)
+
+    loss_fn.chunk_tokens = chunk_tokens
+    return loss_fn
 
 
 @dataclass

@@ -192,6 +192,16 @@ class PeakTracker(MemTracker):
             buffer_memory += sum(w.mem_consumed for w in self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER))
         return param_memory, buffer_memory
 
+    def _pre_fw_hook(self, module: nn.Module, inputs) -> None:
+        # MemTracker refuses a root-level module called a second time in forward (it takes it for the next
+        # iteration). The chunked loss calls the lm_head once per chunk outside any module; only the global
+        # peak is used here, so a repeated call is simply not tracked per module again.
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                return
+        super()._pre_fw_hook(module, inputs)
+
     def _track_optimizer_states(self, reftype, optimizer) -> None:
         for states in optimizer.state.values():
             for val in states.values():

@@ -58,11 +58,14 @@ def missing_weights(model_dir: Path) -> str | None:
 @dataclass
 class ModelFiles:
     """``directory``: where config.json is (None when not local). ``problem``: why the run cannot start.
-    ``download``: a Hub id whose weights must be downloaded before the model loads (online only)."""
+    ``download``: a Hub id whose weights must be downloaded before the model loads (online only).
+    ``weights_only``: the problem is only that the weights are absent (config.json is there): a dry run,
+    which never loads weights, rehearses anyway and reports it as a warning."""
 
     directory: Path | None
     problem: str | None = None
     download: str | None = None
+    weights_only: bool = False
 
 
 def cached_snapshot(repo_id: str, cache_dir: str | None) -> Path | None:
@@ -76,7 +79,8 @@ def locate_model(name: str, cache_dir: str | None) -> ModelFiles:
     path = Path(name).expanduser()
     if path.is_dir():
         why = missing_weights(path)
-        return ModelFiles(path, f"model_name_or_path={name}: {why}: not a complete model directory" if why else None)
+        return ModelFiles(path, f"model_name_or_path={name}: {why}: not a complete model directory" if why else None,
+                          weights_only=why is not None and (path / "config.json").is_file())
     if not is_hub_id(name):
         return ModelFiles(None, f"model_name_or_path={name}: no such model directory (and not a Hub id owner/name)")
     snapshot = cached_snapshot(name, cache_dir)
@@ -86,7 +90,7 @@ def locate_model(name: str, cache_dir: str | None) -> ModelFiles:
     if hub_offline():
         return ModelFiles(snapshot, f"model_name_or_path={name}: {why} in the cache {hub_cache(cache_dir)}, and "
                                     f"HF_HUB_OFFLINE=1 forbids downloading; download it first: "
-                                    f"{download_command(name, cache_dir)}")
+                                    f"{download_command(name, cache_dir)}", weights_only=snapshot is not None)
     return ModelFiles(snapshot, download=name)
 
 

@@ -139,6 +139,8 @@ def run(config: Config) -> dict:
         log(redact_line(line))
     # --- validate before loading any weights -------------------------------------------------------
     checked = validate(config)  # every option conflict, the adapter config, model files, data paths: all at once
+    if checked.get("warning"):
+        log(f"warning: {checked['warning']}")
     if checked["download"] and config.run.dry_run:
         log(f"{checked['download']}: weights not in the cache; a real run downloads them first "
             f"({download.download_command(checked['download'], m.cache_dir)})")

@@ -273,6 +273,10 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     from qwen_sft.train.model import read_lora_config
 
     found = locate_model(v["model_name_or_path"], v["cache_dir"])
+    warning = None
+    if found.problem and found.weights_only and v.get("dry_run"):  # a dry run never loads them: rehearse anyway
+        warning = f"{found.problem} (dry run: rehearsing without the weights; the real run will stop or download)"
+        found.problem = None
     if found.problem:
         problems.append(found.problem)
     source = str(found.directory) if found.directory else v["model_name_or_path"]
@@ -284,7 +288,7 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
             problems.append(str(exc))
     stage = _deepspeed_stage(v, problems)
     if found.problem and not found.directory:
-        return {"download": found.download}
+        return {"download": found.download, "warning": warning}
     try:
         config = AutoConfig.from_pretrained(source, cache_dir=v["cache_dir"], trust_remote_code=v["trust_remote_code"])
     except (OSError, ValueError) as exc:
@@ -293,7 +297,7 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
             hint = f"; download it first: {download_command(v['model_name_or_path'], v['cache_dir'])}"
         problems.append(f"model_name_or_path={v['model_name_or_path']}: cannot read its config "
                         f"({str(exc).splitlines()[0][:200]}){hint}")
-        return {"download": found.download}
+        return {"download": found.download, "warning": warning}
     engine = bool((v["use_peft"] or v["use_qlora"]) and v["expert_engine"] and getattr(config, "num_experts", 0))
     if engine and stage == 3:
         problems.append(f"expert_engine=True (the default for LoRA/QLoRA on an MoE model) does not run under "
@@ -310,7 +314,7 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
                             f"to check the LoRA targets ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         else:
             problems.extend(target_problems(lora, modules, params, f"peft_config_path={v['peft_config_path']}"))
-    return {"download": found.download, "engine": engine, "deepspeed_stage": stage}
+    return {"download": found.download, "engine": engine, "deepspeed_stage": stage, "warning": warning}
 
 
 def find_problems(values: Mapping[str, object], io: bool = True) -> list[str]:
