@@ -46,6 +46,7 @@ exec "${TORCHRUN[@]}" train.py \
     --logging_steps 1 \
     --optim paged_adamw_8bit \
     --lora_dtype bfloat16 \
+    --loss_chunk_tokens 256 \
     --gradient_checkpointing true \
     --bf16 true \
     --report_to wandb,tensorboard \
