@@ -35,7 +35,7 @@ from pathlib import Path
 from qwen_sft.merge.adapter import MergeError
 
 ARCH = "qwen3moe"
-TYPES = ("bf16", "q8_0")
+TYPES = ("bf16", "q8_0", "f32")
 # llama.cpp identifies a BPE pre-tokenizer by the sha256 of the token ids its check text encodes to
 # (get_vocab_base_pre in convert_hf_to_gguf.py). Both Qwen2-family hashes it lists map to "qwen2";
 # Qwen3-Coder's tokenizer gives the second (measured here, tests/test_export_gguf.py).
@@ -157,6 +157,8 @@ def _choose_types(tensors: list[OutTensor], qtype_name: str) -> list[str]:
     notes = []
     for t in tensors:
         if len(t.shape) == 1 or t.name.endswith(KEEP_F32):
+            t.qtype = Q.F32
+        elif qtype_name == "f32":
             t.qtype = Q.F32
         elif qtype_name == "q8_0":
             block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
@@ -321,7 +323,8 @@ def _write_metadata(w, cfg: dict, root: Path, qtype_name: str, tokens, toktypes,
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype_name == "q8_0" else gguf.LlamaFileType.MOSTLY_BF16)
+    file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}
+    w.add_file_type(file_type.get(qtype_name, gguf.LlamaFileType.MOSTLY_BF16))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("merged_dir", help="merged model directory (config.json, safetensors, tokenizer)")
     p.add_argument("out", help="output .gguf file (written atomically)")
     p.add_argument("--type", dest="qtype", default="bf16", choices=TYPES,
-                   help="weight type: bf16 (exact copy of bf16 weights) or q8_0 (8-bit, ~half the size)")
+                   help="weight type: bf16 (exact copy of bf16 weights), q8_0 (8-bit, ~half the size) or f32 (twice bf16; "
+                        "for checking an export against transformers without llama.cpp's bf16 rounding)")
     a = p.parse_args(argv)
     if not re.search(r"\.gguf$", a.out):
         print(f"export-gguf: note: {a.out} does not end in .gguf", file=sys.stderr)
