@@ -72,16 +72,13 @@ def test_qlora_script_rehearses_and_does_not_fit_24gb(hub, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_script_rehearses_zero2_and_refuses_zero3(hub, data, tmp_path):
-    """The LoRA recipe (ZeRO-2 + the expert engine) rehearses one rank; under ZeRO-3 the engine cannot load, and
-    the dry run says so before any weight would."""
+def test_lora_script_rehearses_one_rank_of_zero2(hub, data, tmp_path):
+    """The LoRA recipe (ZeRO-2 + the expert engine) rehearses one rank. (Engine + ZeRO-3 is refused by validation:
+    tests/test_train_validate.py::test_engine_under_zero3_fails_the_dry_run.)"""
     code, out = _run("sft_qwencoder_with_lora.sh", [str(data), MODEL_ID, str(tmp_path / "out")], hub, tmp_path)
     assert code == 0, out[-3000:]
     assert "DeepSpeed ZeRO-2 on 1 GPUs: one rank traced" in out and "peak allocated per GPU" in out, out[-3000:]
     assert "the real run will stop or download" in out  # no weights in the cache: a warning in a dry run
-    code, out = _run("sft_qwencoder_with_lora.sh", [str(data), MODEL_ID, str(tmp_path / "out3")], hub, tmp_path,
-                     DEEPSPEED_CONFIG="configs/default_offload_opt_param.json")
-    assert code != 0 and "does not run under DeepSpeed ZeRO-3" in out, out[-3000:]
 
 
 @pytest.mark.slow
