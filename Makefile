@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch lies on disk on these machines; an unpinned torch would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test test-fast lint demo clean check-gguf check-vllm
+.PHONY: install test test-heavy test-fast lint demo clean check-gguf check-vllm
 
 install: $(STAMP)
 
@@ -22,10 +22,14 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/ruff check qwen_sft tests bench *.py
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not heavy"
+
+# Opt-in: the trust tests of the fake-tensor trace at (mid-)full size; many CPU minutes each.
+test-heavy: install
+	$(BIN)/python -m pytest -q -m heavy
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not heavy"
 
 lint: install
 	$(BIN)/ruff check qwen_sft tests bench *.py

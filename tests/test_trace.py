@@ -151,7 +151,7 @@ def _real_config():
     return AutoConfig.from_pretrained(str(REAL_DIR))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_fake_trace_equals_real_tensors_midsize():
     """4 layers at the real dimensions (hidden 2048, 32 heads, expert width 768, the real vocabulary), 16 experts."""
     cfg = _real_config()
@@ -164,7 +164,7 @@ def test_fake_trace_equals_real_tensors_midsize():
         assert fake.result.breakdown[cat] == pytest.approx(b, rel=0.02, abs=256 * 1024), cat
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_formula_matches_trace_on_real_config(tmp_path):
     """Every formula row against the trace at the real size (QLoRA, r 8 on attention + experts, seq 2048)."""
     from qwen_sft.moe.estimate import ModelShape, Options, estimate
