@@ -29,7 +29,7 @@ GiB = 2**30
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULTS = {"chunked_loss": "1", "optim": "adamw_torch", "foreach": "none", "lora_dtype": "float32", "offload": "0",
             "chunk_experts": "32", "expert_lora": "1", "checkpointing": "1", "layers": "fit", "r": "8",
-            "loss_chunk": "1024"}
+            "loss_chunk": "1024", "adapter": "fused"}
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
@@ -118,6 +118,8 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
 
     r = int(opts["r"])
     targets = ATTENTION + (["gate_up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
+    if opts["adapter"] == "seed":  # the shipped configs/lora: gate_proj + up_proj at r each -> fused gate_up at 2r
+        targets = ATTENTION + (["gate_proj", "up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
     adapter = tmp / "adapter_config.json"
     adapter.write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": targets}))
     model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
