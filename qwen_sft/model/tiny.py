@@ -59,43 +59,34 @@ def tiny_config(spec: TinySpec):
     return tiny_moe_config(spec)
 
 
+def _shared_config(spec: TinySpec) -> dict:
+    """What both tiny architectures share: the real vocabulary and special ids, top-k MoE in every layer, bf16."""
+    return dict(
+        vocab_size=VOCAB_ROWS, hidden_size=spec.hidden, intermediate_size=spec.moe_intermediate * 2,
+        moe_intermediate_size=spec.moe_intermediate, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, num_experts=spec.experts,
+        num_experts_per_tok=spec.active, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=spec.max_positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        router_aux_loss_coef=0.0, output_router_logits=False, bos_token_id=None, eos_token_id=151645,
+        pad_token_id=151643, use_cache=True, dtype="bfloat16",
+    )
+
+
 def tiny_next_config(spec: TinySpec):
     """A ``Qwen3NextConfig`` with Qwen3-Coder-Next's structure: hybrid Gated DeltaNet / gated attention
     (partial rotary 0.25), MoE in every layer with a shared expert, untied embeddings, no MTP head."""
     from transformers import Qwen3NextConfig
 
     return Qwen3NextConfig(
-        vocab_size=VOCAB_ROWS,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.moe_intermediate * 2,
-        moe_intermediate_size=spec.moe_intermediate,
+        **_shared_config(spec),
         shared_expert_intermediate_size=spec.shared_intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        head_dim=spec.head_dim,
         linear_num_key_heads=spec.linear_key_heads,
         linear_num_value_heads=spec.linear_value_heads,
         linear_key_head_dim=spec.linear_head_dim,
         linear_value_head_dim=spec.linear_head_dim,
         linear_conv_kernel_dim=4,
         full_attention_interval=spec.full_attention_interval,
-        num_experts=spec.experts,
-        num_experts_per_tok=spec.active,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=spec.max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.25},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        router_aux_loss_coef=0.0,
-        output_router_logits=False,
-        bos_token_id=None,
-        eos_token_id=151645,
-        pad_token_id=151643,
-        use_cache=True,
-        dtype="bfloat16",
     )
 
 
@@ -104,30 +95,8 @@ def tiny_moe_config(spec: TinySpec):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=VOCAB_ROWS,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.moe_intermediate * 2,
-        moe_intermediate_size=spec.moe_intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        head_dim=spec.head_dim,
-        num_experts=spec.experts,
-        num_experts_per_tok=spec.active,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=spec.max_positions,
+        **_shared_config(spec),
         rope_theta=10_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        router_aux_loss_coef=0.0,
-        output_router_logits=False,
-        bos_token_id=None,
-        eos_token_id=151645,
-        pad_token_id=151643,
-        use_cache=True,
-        dtype="bfloat16",
     )
 
 

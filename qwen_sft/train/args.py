@@ -145,7 +145,7 @@ class RunArguments:
                                         "loss over full logits."}
     )
     loss_chunk_tokens: int = field(
-        default=1024, metadata={"help": "Tokens per lm_head chunk of the chunked loss (~10 bytes x vocab each)."}
+        default=1024, metadata={"help": "Tokens per lm_head chunk of the chunked loss (~12 bytes x vocab each, traced)."}
     )
     token_budget_batching: bool = field(
         default=False, metadata={"help": "Micro-batches by token budget (best-fit-decreasing on length, never "
