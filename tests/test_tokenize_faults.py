@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from qwen_sft.data.cli import main as convert_main
@@ -85,6 +86,27 @@ def test_a_worker_that_dies_stops_the_run_with_a_clear_error(tmp_path, monkeypat
         run(src, tmp_path / "out.jsonl", workers=2, chunk_size=1)
     assert (tmp_path / "out.jsonl").read_text() == "previous\n"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_worker_sends_only_a_file_name_through_the_pool_pipe(tmp_path, offline_tok):
+    """A pipe message under PIPE_BUF is written whole or not at all: a worker killed mid-send cannot hang the run."""
+    import pickle
+
+    long = {"messages": [U, {"role": "assistant", "content": "def f(x):\n    return x * 2\n" * 40}]}
+    chunk = [(n, orjson.dumps(long)) for n in range(1, 257)] + [(257, b"{bad")]
+    pipeline._WORKER = pipeline._make_sample_tokenizer(pipeline.TokenizeOptions(model="offline", max_len=4096))
+    try:
+        for fmt in ("jsonl", "parquet"):
+            path = str(tmp_path / f"{fmt}.npz")
+            message = pickle.dumps(pipeline._process_to_file(chunk, fmt, path))
+            assert len(message) < 512, len(message)
+            got, want = pipeline._read_result(path), pipeline._process(chunk, fmt)
+            assert got[0] == want[0] and got[3] == want[3] and got[4] == want[4]
+            assert [r.tolist() for r in got[1]] == [r.tolist() for r in want[1]]
+            assert [r.tolist() for r in got[2]] == [r.tolist() for r in want[2]] and len(got[1]) == len(want[1])
+            assert not os.path.exists(path)
+    finally:
+        pipeline._WORKER = None
 
 
 def _children(pid: int) -> list[int]:
@@ -186,7 +208,8 @@ def test_the_output_set_is_one_runs_and_stats_json_is_reproducible(tmp_path, mon
     monkeypatch.undo()
     assert not (tmp_path / "out.jsonl.stats.json").exists()
     left = {n: (tmp_path / n).read_bytes() for n in names if (tmp_path / n).exists()}
-    stale = [n for n in left if left[n] == first[n]]
+    # run.json holds the same two paths and a timing rounded to ms, which two runs can share: not comparable
+    stale = [n for n in left if left[n] == first[n] and n != "out.jsonl.run.json"]
     assert left and not stale, f"files of the previous run left beside the new ones: {stale}"
 
 

@@ -5,7 +5,8 @@
 
 Workers get chunks of raw lines and return finished rows; at most ``4 × workers`` chunks are in
 flight and results are taken in submission order, so memory stays flat in the input size and the
-output is byte-identical to the single-process run.
+output is byte-identical to the single-process run. A worker hands its rows over in a file of a private
+temporary folder and sends only the file's name through the pool's pipe (see ``_process_to_file``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -126,6 +129,38 @@ def _process(chunk: list[tuple[int, bytes]], fmt: str) -> tuple[list, list, list
     return kept, ids, labels, blob, bad
 
 
+def _process_to_file(chunk: list[tuple[int, bytes]], fmt: str, path: str) -> str:
+    """``_process`` in a worker, its result written to ``path``; returns ``path`` (a message of a few bytes).
+
+    Why not return the rows: a worker killed (the OOM killer) halfway through sending a result larger than a pipe
+    write leaves the pool's reader thread waiting forever for the rest of the message, while the other worker holds
+    the pipe open, so the run hangs at 0 % CPU instead of failing. A message under PIPE_BUF is written whole or not
+    at all. The file is ours, in a 0700 folder, and holds no pickle: numpy arrays (``allow_pickle=False``).
+    """
+    kept, ids, labels, blob, bad = _process(chunk, fmt)
+    meta = orjson.dumps({"kept": kept, "bad": bad})
+    lengths = np.array([len(i) for i in ids], dtype=np.int64)
+    with open(path, "wb") as fh:
+        np.savez(fh, meta=np.frombuffer(meta, np.uint8), blob=np.frombuffer(blob, np.uint8), lengths=lengths,
+                 ids=_flat(ids), labels=_flat(labels))
+    return path
+
+
+def _flat(rows: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, np.int32)
+
+
+def _read_result(path: str) -> tuple[list, list, list, bytes, list]:
+    with np.load(path, allow_pickle=False) as z:
+        meta = orjson.loads(z["meta"].tobytes())
+        blob, lengths, ids, labels = z["blob"].tobytes(), z["lengths"], z["ids"], z["labels"]
+    os.unlink(path)
+    cuts = np.cumsum(lengths)[:-1] if len(lengths) else []
+    ids_rows = list(np.split(ids, cuts)) if len(lengths) else []
+    label_rows = list(np.split(labels, cuts)) if len(lengths) else []
+    return [tuple(k) for k in meta["kept"]], ids_rows, label_rows, blob, [tuple(b) for b in meta["bad"]]
+
+
 def _chunks(src: Path, size: int, stats: stats_mod.RunStats) -> Iterator[list[tuple[int, bytes]]]:
     chunk: list[tuple[int, bytes]] = []
     with open(src, "rb") as fh:
@@ -155,14 +190,15 @@ def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterato
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker killed from outside (the OOM killer) breaks the
     # executor and every pending result raises, where Pool replaces the worker and waits forever for its task.
     pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init, initargs=(opts, paths))
+    handoff = tempfile.mkdtemp(prefix="qwen-sft-tokenize-")  # 0700; rows travel in files (_process_to_file)
     try:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_process, chunk, fmt))
+        for n, chunk in enumerate(chunks):
+            pending.append(pool.submit(_process_to_file, chunk, fmt, os.path.join(handoff, f"{n}.npz")))
             if len(pending) >= 4 * opts.workers:
-                yield pending.popleft().result()
+                yield _read_result(pending.popleft().result())
         while pending:
-            yield pending.popleft().result()
+            yield _read_result(pending.popleft().result())
     except BrokenProcessPool:
         raise WorkerDied(
             f"a tokenize worker process died (killed from outside: often the out-of-memory killer, see `dmesg`); "
@@ -170,6 +206,7 @@ def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterato
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(handoff, ignore_errors=True)
 
 
 def _first_records(src: Path, n: int) -> list[Any]:
