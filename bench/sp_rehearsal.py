@@ -33,7 +33,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 
@@ -65,6 +64,24 @@ def fake_group(world: int, config) -> object:
         model_name_or_path=types.SimpleNamespace(config=config), core_attn_implementation="sdpa",
         sequence_parallel_size=world, micro_batch_size=1, seq_length_is_variable=True)
     return mpu.get_sequence_parallel_group()
+
+
+@contextlib.contextmanager
+def counted_exchanges(seen: list):
+    """Record the shape of every Ulysses all-to-all input: the evidence that the traced step ran the SP path."""
+    from deepspeed.runtime.sequence_parallel import ulysses_sp
+
+    orig = ulysses_sp._dim_zero_all_to_all
+
+    def counted(group, tensor):
+        seen.append(tuple(tensor.shape))
+        return orig(group, tensor)
+
+    ulysses_sp._dim_zero_all_to_all = counted
+    try:
+        yield
+    finally:
+        ulysses_sp._dim_zero_all_to_all = orig
 
 
 def sp_loss_fn(group, offload: bool, chunk_tokens: int):
@@ -118,19 +135,22 @@ def main(argv: list[str] | None = None) -> int:
                                     lora_dtype=opts["lora_dtype"])
         plan = StepPlan(seq=local, loss_fn=sp_loss_fn(group, opts["offload"] == "1", int(opts["loss_chunk"])))
         foreach = None if opts["foreach"] == "none" else opts["foreach"] == "1"
-        with mem_levers.patched_trace(foreach, int(opts["chunk_experts"])):
+        seen: list = []
+        with mem_levers.patched_trace(foreach, int(opts["chunk_experts"])), counted_exchanges(seen):
             m = measure(config, model_args, plan, gradient_checkpointing=opts["checkpointing"] == "1",
                         optim=opts["optim"], layers=opts["layers"])
     secs = time.perf_counter() - t0
     rep = m.report
     row = {"name": name, "seq": a.seq, "sp": a.sp, "tokens_per_rank": local, "opts": opts, "peak": rep.peak,
            "planned": rep.planned, "peak_phase": rep.peak_phase, "host": rep.host_bytes,
-           "breakdown": {x.name: x.bytes for x in rep.rows}, "traced": m.traced_layers, "seconds": round(secs, 1)}
+           "breakdown": {x.name: x.bytes for x in rep.rows}, "traced": m.traced_layers, "seconds": round(secs, 1),
+           "all_to_all_shapes": sorted({str(x) for x in seen}), "all_to_alls": len(seen)}
     print(f"{name}: seq {a.seq} over sp {a.sp} ({local} tokens per rank): peak {rep.peak / GiB:.2f} GiB per GPU at "
           f"the {rep.peak_phase}, planned {rep.planned / GiB:.2f}, host {rep.host_bytes / GiB:.2f} ({secs:.0f} s, "
           f"{m.traced_layers})", flush=True)
-    print(mem_levers.render_breakdown(rep) if hasattr(mem_levers, "render_breakdown") else
-          "\n".join(f"  {k:<40} {v / GiB:8.3f} GiB" for k, v in row["breakdown"].items()))
+    print("\n".join(f"  {k:<48} {v / GiB:8.3f} GiB" for k, v in row["breakdown"].items()))
+    print(f"  Ulysses all-to-alls traced: {len(seen)} (forward and checkpoint recompute; the backward exchanges are the op's own), inputs "
+          f"{', '.join(row['all_to_all_shapes'])}")
     if a.json:
         Path(a.json).write_text(json.dumps(row, indent=1))
     return 0

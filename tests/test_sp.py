@@ -74,6 +74,8 @@ def test_sp_option_conflicts_in_one_line(tmp_path):
     ok = parse_flags(["--output_dir", str(tmp_path), "--sp_size", "2", "--deepspeed", "configs/zero2.json",
                       "--max_tokens_per_batch", "4096"])
     assert long_sequence_conflicts(ok.data, ok.run, ok.training) == []
+    assert ok.training.per_device_train_batch_size == 1  # Ulysses' row count: one packed row per micro-batch
+    assert ok.origins["per_device_train_batch_size"] == "sp_size > 1: one packed row per micro-batch"
 
 
 def test_sp_validation_pass_reads_the_model_config(tiny_model_dir, tmp_path, monkeypatch):

@@ -259,6 +259,7 @@ def _finish(values: dict[str, object], origins: dict[str, str], problems: list[s
     typed, _ = coerce(values)
     if typed.get("sp_size", 1) > 1:  # Ulysses shards one packed row per micro-batch (its batch size is fixed)
         typed["per_device_train_batch_size"] = 1
+        origins["per_device_train_batch_size"] = "sp_size > 1: one packed row per micro-batch"
     _init_deepspeed_cpu(typed.get("deepspeed"))
     try:
         model, data, run, training = _parser().parse_dict(typed, allow_extra_keys=False)
