@@ -200,3 +200,20 @@ def test_sp2_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
     assert one_adapter.keys() == sp2_adapter.keys() and any(".mlp.experts." in k for k in one_adapter)
     for key, value in one_adapter.items():  # after 3 AdamW steps, which magnify fp32 noise on tiny gradients
         assert (sp2_adapter[key] - value).abs().max() <= 5e-4 * value.abs().max(), key
+
+
+@pytest.mark.slow
+def test_sp_rehearsal_traces_the_ulysses_exchanges(tmp_path):
+    """bench/sp_rehearsal.py on a tiny config with 1 KV head and sp 2: DeepSpeed repeats the KV head (one per
+    rank), and every exchange of the traced step has the shape Ulysses gives it."""
+    from qwen_sft.model.tiny import TinySpec, tiny_config
+
+    tiny_config(TinySpec(heads=4, kv_heads=1)).save_pretrained(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    _run([sys.executable, str(REPO / "bench/sp_rehearsal.py"), str(tmp_path / "config.json"), "--seq", "256", "--sp",
+          "2", "--set", "tiny:layers=all", "--json", str(tmp_path / "out.json")], env, timeout=600)
+    row = json.loads((tmp_path / "out.json").read_text())
+    assert row["tokens_per_rank"] == 128 and row["peak"] > 0
+    assert row["all_to_alls"] == 2 * 4 * 2  # 2 layers x (q, k, v, output) x (forward, checkpoint recompute)
+    # [sp, tokens per rank, batch, local heads, head_dim]: q 2 of 4 heads, KV 1 head repeated to 2 -> 1 per rank
+    assert set(row["all_to_all_shapes"]) == {"(2, 128, 1, 2, 16)", "(2, 128, 1, 1, 16)", "(2, 128, 1, 32)"}
