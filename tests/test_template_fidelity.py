@@ -13,8 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from qwen_sft.conversation import normalize_record
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.render import normalize_record
 from qwen_sft.tokenize.writers import iter_samples
 from qwen_sft.tokenizer import TEMPLATE_PATH
 
