@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         rss_child(Path(args.rss_child[0]), int(args.rss_child[1]))
         return 0
+    from qwen_sft.samples.files import iter_samples
     from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-    from qwen_sft.tokenize.writers import iter_samples
     from qwen_sft.tokenizer import load_tokenizer
 
     tok = load_tokenizer("offline")
