@@ -39,9 +39,9 @@ import torch
 
 from qwen_sft.merge.adapter import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, MergeError, read_adapter_config
 from qwen_sft.merge.plan import _scaling
+from qwen_sft.model.checkpoint import EXPERT_PROJS, expert_module, gate_up_rows, peft_to_per_expert
+from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as FUSED_PARAMS
 
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-FUSED_PARAMS = ("gate_up_proj", "down_proj")
 # Config keys copied as they are; everything about ranks and targets is rewritten.
 KEEP_CONFIG = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "bias", "fan_in_fan_out",
                "init_lora_weights", "modules_to_save")
@@ -237,10 +237,10 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
         a_dn, b_dn = torch_dtype[dtype_of[dn.a_key]], torch_dtype[dtype_of[dn.b_key]]
         for e in range(E):
             for proj in ("gate_proj", "up_proj"):
-                layout += [(_key(f"{module}.{e}.{proj}", "lora_A"), a_gu, (R, H)),
-                           (_key(f"{module}.{e}.{proj}", "lora_B"), b_gu, (inter, R))]
-            layout += [(_key(f"{module}.{e}.down_proj", "lora_A"), a_dn, (R, inter)),
-                       (_key(f"{module}.{e}.down_proj", "lora_B"), b_dn, (H, R))]
+                layout += [(_key(expert_module(module, e, proj), "lora_A"), a_gu, (R, H)),
+                           (_key(expert_module(module, e, proj), "lora_B"), b_gu, (inter, R))]
+            layout += [(_key(expert_module(module, e, "down_proj"), "lora_A"), a_dn, (R, inter)),
+                       (_key(expert_module(module, e, "down_proj"), "lora_B"), b_dn, (H, R))]
         if dn.rank != R:
             report.padded_modules.append(f"{module}.*.down_proj")
     report.linear_pairs, report.expert_layers, report.tensors = len(linear), len(fused), len(layout)
@@ -268,20 +268,17 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
             out.write(_key(p.module, "lora_B"), B)
         for module, (gu, dn) in fused.items():
             inter = gu.b_shape[0] // 2
-            # peft's layout (qwen_sft/moe/lora.py): A [E*r, in] expert-major rows; B [out, r*E], column k*E + e.
-            gu_A = f.get_tensor(gu.a_key).reshape(E, gu.rank, -1)
-            gu_B = f.get_tensor(gu.b_key).reshape(gu.b_shape[0], gu.rank, E)
-            dn_A = f.get_tensor(dn.a_key).reshape(E, dn.rank, -1)
-            dn_B = f.get_tensor(dn.b_key).reshape(dn.b_shape[0], dn.rank, E)
+            # peft's layout regrouped per expert (qwen_sft/model/checkpoint.py): A [E, r, in], B [E, out, r].
+            gu_A, gu_B = peft_to_per_expert(f.get_tensor(gu.a_key), f.get_tensor(gu.b_key), E)
+            dn_A, dn_B = peft_to_per_expert(f.get_tensor(dn.a_key), f.get_tensor(dn.b_key), E)
             for e in range(E):
-                Be = gu_B[:, :, e]
-                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):  # fused: gate rows, up rows
-                    A, B = _pad(gu_A[e], Be[rows], R, scale(gu))
-                    out.write(_key(f"{module}.{e}.{proj}", "lora_A"), A)
-                    out.write(_key(f"{module}.{e}.{proj}", "lora_B"), B)
-                A, B = _pad(dn_A[e], dn_B[:, :, e], R, scale(dn))
-                out.write(_key(f"{module}.{e}.down_proj", "lora_A"), A)
-                out.write(_key(f"{module}.{e}.down_proj", "lora_B"), B)
+                for proj, rows in gate_up_rows(inter):
+                    A, B = _pad(gu_A[e], gu_B[e][rows], R, scale(gu))
+                    out.write(_key(expert_module(module, e, proj), "lora_A"), A)
+                    out.write(_key(expert_module(module, e, proj), "lora_B"), B)
+                A, B = _pad(dn_A[e], dn_B[e], R, scale(dn))
+                out.write(_key(expert_module(module, e, "down_proj"), "lora_A"), A)
+                out.write(_key(expert_module(module, e, "down_proj"), "lora_B"), B)
             del gu_A, gu_B, dn_A, dn_B
         (tmp / CONFIG_FILE).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "qwen_sft_export.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n",

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
+from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as EXPERT_PARAMS
+from qwen_sft.model.checkpoint import FUSED_OF as EXPERT_NAME_MAP  # seed (v4) expert names → fused v5 param
 from qwen_sft.train.args import ModelArguments
 
-EXPERT_PARAMS = {"gate_up_proj", "down_proj"}
-# Seed adapter names of the per-expert Linear layers (transformers v4) → the fused v5 parameter.
-EXPERT_NAME_MAP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 ROUTER_SUFFIX = "mlp.gate"
 # Never quantized: the router (a few KB, and its argmax decides everything), embeddings, lm_head.
 NOT_QUANTIZED = ["gate", "lm_head", "embed_tokens"]
