@@ -99,3 +99,15 @@ def test_plain_argument_loader_is_what_training_loads(tiny_model_dir):
     assert plain.config.use_cache is False and plain.dtype == torch.float32
     a, b = plain.state_dict(), train.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_keys_round_trip():
+    from qwen_sft.model.checkpoint import lora_key, split_lora_key
+
+    key = lora_key("model.layers.0.mlp.experts", "lora_B", depth=1)
+    assert key == "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"
+    assert split_lora_key(key) == ("model.layers.0.mlp.experts", 1, "lora_B", "weight")
+    assert split_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.bias") == \
+        ("model.layers.0.self_attn.q_proj", 0, "lora_A", "bias")
+    assert split_lora_key("base_model.model.lm_head.weight") is None
+    assert split_lora_key("model.layers.0.self_attn.q_proj.lora_A.weight") is None  # not a peft key

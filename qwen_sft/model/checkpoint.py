@@ -15,6 +15,8 @@ and how peft lays out expert LoRA. Training, the QLoRA loader, merge and export 
 - **Expert keys**: the Hub layout keeps one tensor per expert and projection
   (``….mlp.experts.{e}.{gate_proj|up_proj|down_proj}.weight``); transformers v5 fuses them at load time into
   ``gate_up_proj [E, 2I, H]`` (per expert: the gate rows, then the up rows) and ``down_proj [E, H, I]``.
+- **peft adapter keys**: ``base_model.model.<module>[.base_layer…].lora_{A,B}.weight`` (``lora_key``,
+  ``split_lora_key``; ``base_layer`` counts the wrappers peft nests around ``target_parameters``).
 - **peft's expert LoRA layout** (``target_parameters``, ``ParamWrapper``): ``lora_A [E·r, in]`` expert-major rows
   and ``lora_B [out, r·E]`` with column ``k·E + e``; per expert that is ``A [E, r, in]`` and ``B [E, out, r]``,
   ΔW[e] = scaling · B[e] @ A[e]. The two views interleave experts differently (that is peft's
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PEFT_PREFIX = "base_model.model."  # every key of a saved peft adapter starts with it
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # per expert on disk
@@ -236,6 +239,33 @@ def count_experts(experts: str, keys) -> int:
     while expert_key(experts, n, "gate_proj") in keys:
         n += 1
     return n
+
+
+# --- peft adapter keys -----------------------------------------------------------------------------------------
+
+
+def lora_key(module: str, which: str, depth: int = 0) -> str:
+    """The saved key of ``module``'s ``lora_A`` / ``lora_B`` under ``depth`` ``base_layer`` wrappers."""
+    return f"{PEFT_PREFIX}{module}{'.base_layer' * depth}.{which}.weight"
+
+
+def split_lora_key(key: str) -> tuple[str, int, str, str] | None:
+    """``(module, depth, "lora_A" | "lora_B", tail)`` of a saved LoRA factor key (inverse of :func:`lora_key`,
+    ``tail`` is ``weight`` for a factor), or None when ``key`` is not one (no prefix, modules_to_save, …).
+    ``depth`` counts the ``base_layer`` wrappers peft nests around a parameter listed in ``target_parameters``."""
+    if not key.startswith(PEFT_PREFIX):
+        return None
+    name = key[len(PEFT_PREFIX):]
+    for which in ("lora_A", "lora_B"):
+        head, sep, tail = name.partition(f".{which}.")
+        if sep:
+            break
+    else:
+        return None
+    depth = 0
+    while head.endswith(".base_layer"):
+        head, depth = head[: -len(".base_layer")], depth + 1
+    return head, depth, which, tail
 
 
 # --- peft's expert LoRA layout --------------------------------------------------------------------------------
