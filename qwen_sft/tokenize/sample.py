@@ -86,7 +86,7 @@ class SampleTokenizer:
         # Tokens concatenate to these bytes and none is longer than max_token_bytes: a text that must be over
         # max_len even so is dropped before tokenizing (a 50 MB turn took minutes and GBs only to be dropped).
         at_least = -(-len(data) // self.max_token_bytes)
-        if at_least > self.max_len and self.overlength == "drop":
+        if not fits(at_least, self.max_len) and self.overlength == "drop":
             raise Overlong(at_least, exact=False)
         turns = parse_turns(data)
         owners = align_turns(turns, messages)
