@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qwen_sft.samples import IGNORE_INDEX  # defined in qwen_sft.samples; importable from here too
-from qwen_sft.tokenize.render import Turn
+from qwen_sft.tokenize.turns import Turn
 
 Policy = Literal["assistant", "last", "all"]
 POLICIES: tuple[str, ...] = ("assistant", "last", "all")
