@@ -33,7 +33,8 @@ import os
 
 import torch
 
-IGNORE = -100
+from qwen_sft.samples import IGNORE_INDEX as IGNORE
+
 REAL = "sp_real_tokens"  # collator key: 1 for a sample's token, 0 for padding added to divide by sp
 
 
