@@ -3,7 +3,7 @@
     python -m pytest -q tests/test_convert_loss.py
 
 Each case converts a record with the control on its first answer, writes and re-reads the ChatML line as the
-pipeline does, tokenizes it with the offline tokenizer and the released one (when ../shared is present), and
+pipeline does, tokenizes it with the offline tokenizer and the released one (tests/fixtures), and
 asserts the supervised ids are exactly the second answer's ids followed by <|im_end|>.
 """
 
