@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.writers import iter_samples
 
 pytestmark = pytest.mark.slow  # a benchmark's smoke test: the slow tier (tests/README.md)
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "tokenize.py"

@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from qwen_sft.samples import IGNORE_INDEX as IGNORE
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from qwen_sft.atomic import atomic_open
 from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import is_secret, redact_line
+from qwen_sft.samples.length import TurnMarks
 from qwen_sft.train import download
 from qwen_sft.train.args import Config, describe, long_sequence_conflicts
 from qwen_sft.train.data import DataStats, load_tokenized
@@ -167,7 +168,8 @@ def run(config: Config) -> dict:
             if path:
                 ds = load_tokenized(path, vocab_size=model_config.vocab_size, max_len=d.model_max_length,
                                     truncate=d.truncate_source, strict=d.strict, cache_dir=d.data_cache_dir,
-                                    tokenizer=made_by, allow_template_mismatch=d.allow_template_mismatch)
+                                    tokenizer=made_by, allow_template_mismatch=d.allow_template_mismatch,
+                                    marks=TurnMarks.of(tokenizer))
                 datasets[split], stats[split] = ds, ds.stats.to_dict()
                 log(ds.stats.summary())
     if not len(datasets["train"]):

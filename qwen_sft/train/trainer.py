@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 from qwen_sft.atomic import atomic_open
 from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import secrets_hidden
+from qwen_sft.samples import IGNORE_INDEX
 from qwen_sft.train.loss import DEFAULT_CHUNK_TOKENS, causal_lm, chunked_lm_loss, forward_hidden
 
 ARTIFACTS = ("train_config.yaml", "data_stats.json", "trainable_params.json", "chat_template.jinja")
@@ -61,7 +62,7 @@ class SFTTrainer(Trainer):
         if model.training:
             mask = inputs.get("attention_mask")
             self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            self._supervised += int((inputs["labels"][..., 1:] != -100).sum())
+            self._supervised += int((inputs["labels"][..., 1:] != IGNORE_INDEX).sum())
         # Offload: what autograd saves outside the checkpointed layers (with checkpointing on: each layer's input,
         # layers x tokens x hidden) goes to host memory, pinned when there is a GPU, and comes back in backward.
         # PyTorch's save_on_cpu rather than transformers' offload=True, which insists on pinned memory (no CPU run).
