@@ -1,5 +1,7 @@
 # make demo   — the whole pipeline on a tiny model, CPU, a few minutes
-# make test   — every CPU test (slow ones included); what CI runs
+# make test   — every CPU test (slow ones included); what CI runs. Tiers: tests/README.md
+# make test-fast — the fast tier: unit and tiny-model CPU tests (no slow, no heavy)
+# CI=true make test — a test whose fixture (tests/fixtures/) is missing fails instead of skipping
 # make check-gguf / check-vllm — opt-in: the real consumers (llama.cpp, vLLM) read our exports, each in its own venv
 SHELL := /bin/bash
 PYTHON ?= python3

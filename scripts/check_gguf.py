@@ -23,9 +23,10 @@ tokens, and compares its logits position by position. Pass criteria (printed wit
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
+
+from _check import main, verdict  # scripts/_check.py: standard library only, importable in both venvs
 
 GREEDY = 8
 F32_REL = 0.001
@@ -47,28 +48,16 @@ PROMPTS = [
 def prepare(work: Path) -> None:
     import numpy as np
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qwen_sft.export.gguf_export import main as gguf_main
     from qwen_sft.merge.cli import main as merge_main
     from qwen_sft.model.tiny import TinySpec, make_tiny_model
-    from qwen_sft.moe import ExpertLoraSpec, enable_expert_lora, install_expert_engine, save_adapter
+    from qwen_sft.model.tiny_adapter import random_adapter
 
     work.mkdir(parents=True, exist_ok=True)
     base = make_tiny_model(work / "base", TinySpec(layers=2), dtype="bfloat16")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    install_expert_engine(model, quantize_experts=False, lora=ExpertLoraSpec(r=4, alpha=8, gate_up_r=8,
-                                                                              gate_up_alpha=16),
-                          compute_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    enable_expert_lora(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and ("lora_B" in name or name.endswith("_B")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    adapter = save_adapter(model.eval(), work / "adapter", base_model_name_or_path=str(base))
+    model, adapter = random_adapter(base, work / "adapter")  # attention + every expert, non-zero B
     del model
     merged = work / "merged"
     assert merge_main(["--base_model_path", str(base), "--adapter_path", str(adapter), "--output_path", str(merged),
@@ -142,16 +131,9 @@ def consume(work: Path) -> int:
         report[qtype] = {"rows": rows, "seconds": round(time.time() - t0, 1)}
         del llm
     print(json.dumps(report, indent=1))
-    if failures:
-        print("check-gguf FAILED:\n  - " + "\n  - ".join(failures))
-        return 1
-    print("check-gguf passed: llama.cpp loads all three exports; f32 matches transformers' logits, bf16 token for token")
-    return 0
+    return verdict("check-gguf", failures, "llama.cpp loads all three exports; f32 matches transformers' logits, "
+                                           "bf16 token for token")
 
 
 if __name__ == "__main__":
-    mode, work = sys.argv[1], Path(sys.argv[2])
-    if mode == "prepare":
-        prepare(work)
-        sys.exit(0)
-    sys.exit(consume(work))
+    main(prepare, consume)

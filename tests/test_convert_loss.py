@@ -3,7 +3,7 @@
     python -m pytest -q tests/test_convert_loss.py
 
 Each case converts a record with the control on its first answer, writes and re-reads the ChatML line as the
-pipeline does, tokenizes it with the offline tokenizer and the released one (when ../shared is present), and
+pipeline does, tokenizes it with the offline tokenizer and the released one (tests/fixtures), and
 asserts the supervised ids are exactly the second answer's ids followed by <|im_end|>.
 """
 
@@ -148,15 +148,13 @@ def test_grouped_tool_results_with_different_flags_are_rejected():
     assert [m.get("loss") for m in convert(rec)["messages"]] == [None, None, True, True, None]
 
 
-def test_functionary_masked_turn_is_not_trained_end_to_end(realdata_dir, tmp_path, offline_tok_dir):
+def test_functionary_masked_turn_is_not_trained_end_to_end(realdata_dir, tmp_path, offline_tok_dir, spec_dir):
     """../shared/realdata/functionary__test_case.json: the turn its authors masked (the buggy l.remove(3.6) call).
 
     Converted and tokenized by the CLI, once as published and once with the mask removed: the masked run is
     exactly the one missing, every other supervised id is the same.
     """
-    from tests.conftest import SPEC_TOKENIZER
-
-    model = str(SPEC_TOKENIZER) if (SPEC_TOKENIZER / "tokenizer_config.json").exists() else "offline"
+    model = str(spec_dir)
     src = realdata_dir / "functionary__test_case.json"
     unmasked = json.loads(src.read_text())
     masked_index = next(i for i, m in enumerate(unmasked["messages"]) if "metadata" in m)

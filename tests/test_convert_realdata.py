@@ -1,4 +1,4 @@
-"""The six real files of ../shared/realdata convert with counts that add up (skipped when the folder is absent).
+"""The six real files of tests/fixtures/realdata convert with counts that add up.
 
     python -m pytest -q tests/test_convert_realdata.py
 """

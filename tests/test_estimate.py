@@ -6,24 +6,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from fixture_data import SPEC_CONFIG, need_fixture
 
 from qwen_sft.model.tiny import TinySpec, build_tiny_model, tiny_config
 from qwen_sft.moe import ExpertLoraSpec, install_expert_engine
 from qwen_sft.moe.estimate import ModelShape, Options, estimate, lora_params, main, nf4_bytes, parameter_groups
 
-REAL_CONFIG = Path(__file__).resolve().parent.parent.parent / "shared/spec/qwen3-coder-30b-a3b-instruct/config.json"
+REAL_CONFIG = SPEC_CONFIG  # the released config.json, checked in
 SPEC = TinySpec(layers=2, hidden=64, experts=8, active=2, moe_intermediate=32)
 
 
 @pytest.fixture(scope="module")
 def real_shape() -> ModelShape:
-    if not REAL_CONFIG.is_file():
-        pytest.skip("shared/spec/qwen3-coder-30b-a3b-instruct not present")
-    return ModelShape.from_config(json.loads(REAL_CONFIG.read_text()))
+    return ModelShape.from_config(json.loads(need_fixture(REAL_CONFIG).read_text()))
 
 
 def test_real_config_parameter_counts(real_shape):
@@ -40,8 +38,7 @@ def test_real_config_parameter_counts(real_shape):
 
 
 def test_cli_prints_breakdown_and_seed_table(capsys):
-    if not REAL_CONFIG.is_file():
-        pytest.skip("shared/spec not present")
+    need_fixture(REAL_CONFIG)
     assert main([str(REAL_CONFIG), "--mode", "qlora", "--seq", "2048"]) == 0
     out = capsys.readouterr().out
     assert "30,532,122,624 total (30.53 B)" in out and "28,991,029,248 (28.99 B, 95.0 %)" in out

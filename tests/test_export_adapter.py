@@ -17,7 +17,8 @@ from torch import nn
 from qwen_sft.export.vllm_adapter import ExportError, export_vllm_adapter
 from qwen_sft.export.vllm_adapter import main as export_main
 from qwen_sft.model.tiny import TinySpec, make_tiny_model
-from qwen_sft.moe import ExpertLoraSpec, enable_expert_lora, install_expert_engine, save_adapter
+from qwen_sft.model.tiny_adapter import random_adapter
+from qwen_sft.moe import ExpertLoraSpec
 
 SPEC = TinySpec(layers=2, hidden=64, experts=8, active=2, moe_intermediate=32)
 IDS = torch.randint(0, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -85,20 +86,8 @@ def base(tmp_path_factory):
 
 def _trained_adapter(base: Path, out: Path, expert: ExpertLoraSpec, attn_r: int, attn_alpha: float):
     """Training-time model (expert engine + peft attention LoRA) with non-zero B; its logits and saved adapter."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    install_expert_engine(model, quantize_experts=False, lora=expert, compute_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=attn_r, lora_alpha=attn_alpha, target_modules=["q_proj", "v_proj"]))
-    enable_expert_lora(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # stand-in for training: non-zero B everywhere
-        for name, p in model.named_parameters():
-            if p.requires_grad and ("lora_B" in name or name.endswith("_B")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.eval()
-    return _logits(model), save_adapter(model, out, base_model_name_or_path=str(base))
+    model, adapter = random_adapter(base, out, expert, attn_r, attn_alpha)
+    return _logits(model), adapter
 
 
 # (expert spec, attention r, attention alpha, exported r, exported alpha, scales folded into B)

@@ -8,20 +8,15 @@ from qwen_sft.cli import VERBS, main
 from qwen_sft.tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS
 
 
-def test_offline_vocab_and_merges_equal_released(offline_tok_dir):
-    from conftest import SPEC_TOKENIZER
-
-    if not SPEC_TOKENIZER.exists():
-        import pytest
-
-        pytest.skip("shared/spec absent")
+def test_offline_vocab_and_merges_equal_released(offline_tok_dir, spec_dir):
+    # spec_dir: the released files, sha256-checked (tests/fixture_data.py)
     ours = json.loads((offline_tok_dir / "vocab.json").read_text(encoding="utf-8"))
-    theirs = json.loads((SPEC_TOKENIZER / "vocab.json").read_text(encoding="utf-8"))
+    theirs = json.loads((spec_dir / "vocab.json").read_text(encoding="utf-8"))
     assert ours == theirs
     # The released file has CRLF line ends; compare entries. (str.splitlines would also split on
     # unicode line separators that occur inside byte-level tokens.)
     m_ours = (offline_tok_dir / "merges.txt").read_bytes().decode().split("\n")
-    m_theirs = (SPEC_TOKENIZER / "merges.txt").read_bytes().decode().split("\n")
+    m_theirs = (spec_dir / "merges.txt").read_bytes().decode().split("\n")
     m_theirs = [m.removesuffix("\r") for m in m_theirs if not m.startswith("#version")]
     assert [m for m in m_ours if m] == [m for m in m_theirs if m]
 

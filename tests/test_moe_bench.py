@@ -1,6 +1,6 @@
 """bench/moe_gpu.py runs on CPU with tiny dimensions and writes both variants' figures.
 
-    python -m pytest -q tests/test_moe_bench.py
+    python -m pytest -q -m slow tests/test_moe_bench.py
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark's smoke test: the slow tier (tests/README.md)
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -7,15 +7,13 @@ and a tile plan that keeps every expert intermediate under 2**31 elements at the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from fixture_data import SPEC_CONFIG, need_fixture
 
 from qwen_sft.moe.experts import DEFAULT_MAX_ROUTED_ROWS, token_tiles
 from tests.test_moe_engine import INTER, _engine, _rel, _routing
-
-SPEC_CONFIG = Path(__file__).resolve().parent.parent.parent / "shared/spec/qwen3-coder-30b-a3b-instruct/config.json"
 
 
 def _run(eng, x, idx, wts, max_rows):
@@ -52,9 +50,8 @@ def test_tiled_equals_untiled_and_saves_one_tile(grouped):
 
 def test_tile_plan_keeps_expert_intermediates_under_int32_at_175k_tokens():
     hidden, inter, top_k = 2048, 768, 8  # Qwen3-Coder-30B-A3B
-    if SPEC_CONFIG.exists():
-        cfg = json.loads(SPEC_CONFIG.read_text())
-        assert (cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]) == (hidden, inter, top_k)
+    cfg = json.loads(need_fixture(SPEC_CONFIG).read_text())  # the released config.json agrees
+    assert (cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]) == (hidden, inter, top_k)
     limit = 2**31
     overflow_at = -(-limit // (top_k * 2 * inter))  # tokens whose gate_up intermediate has 2**31 elements
     assert overflow_at == 174_763  # "near 175K routed tokens"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_conversations
 
 from qwen_sft.model.tiny import TinySpec, make_tiny_model
 from qwen_sft.train.args import parse_yaml
@@ -19,7 +20,6 @@ from qwen_sft.train.run import run
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SPEC = TinySpec(model_type="qwen3_next", layers=4, experts=16, active=10, full_attention_interval=2)
-IM_END = 151645
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +29,7 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory, offline_tok) -> Path:
-    import random
-
-    rng = random.Random(0)
-    words = "def return value list for loop python code function class import print sort key".split()
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w", encoding="utf-8") as fh:
-        for _ in range(8):
-            prompt = offline_tok.encode(f"<|im_start|>user\n{' '.join(rng.choices(words, k=6))}<|im_end|>\n"
-                                        "<|im_start|>assistant\n")
-            answer = offline_tok.encode(" ".join(rng.choices(words, k=rng.randint(3, 12)))) + [IM_END]
-            fh.write(json.dumps({"input_ids": prompt + answer, "label": [-100] * len(prompt) + answer}) + "\n")
-    return path
+    return write_conversations(tmp_path_factory.mktemp("data") / "train.jsonl", offline_tok, 8)
 
 
 def _config(base: Path, data: Path, out: Path, *extra: str):

@@ -6,7 +6,7 @@ Qwen3-Coder-Next's official chat template is not available offline here; public 
 30B-A3B template (XML tool calls, no thinking mode). These tests pin that the project renders and labels
 tool conversations for a qwen3_next model directory exactly as for Qwen3-Coder-30B-A3B: token for token
 against the project's own template, and, with the released 30B-A3B template in a qwen3_next directory
-(when ../shared is present), against the 30B-A3B directory.
+(tests/fixtures), against the 30B-A3B directory.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port as _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 READMES = [REPO / "README.md", REPO / "README.ko.md"]
@@ -112,11 +113,3 @@ def _train_tiny_adapter(work: Path, env: dict) -> None:
            f"output_dir={out}", "report_to=none"]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

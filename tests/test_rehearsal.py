@@ -14,20 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_DIR = REPO.parent / "shared/spec/qwen3-coder-30b-a3b-instruct"
 MODEL_ID = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Path:
+def hub(tmp_path_factory, spec_dir) -> Path:
     """A local HF cache holding the real model's config and tokenizer only: no weights."""
-    if not (REAL_DIR / "config.json").is_file():
-        pytest.skip("shared/spec/qwen3-coder-30b-a3b-instruct not present")
     hf_home = tmp_path_factory.mktemp("hf")
     repo = hf_home / "hub" / ("models--" + MODEL_ID.replace("/", "--"))
-    shutil.copytree(REAL_DIR, repo / "snapshots" / ("0" * 40))
+    shutil.copytree(spec_dir, repo / "snapshots" / ("0" * 40))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     assert not list(repo.rglob("*.safetensors"))
@@ -46,11 +44,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _run(script: str, args: list[str], hub: Path, tmp_path: Path, **env_extra: str) -> tuple[int, str]:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = free_port()
     env = {**os.environ, "DRY_RUN": "1", "GPUS_PER_NODE": "1", "MASTER_PORT": port, "HF_HOME": str(hub),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHON": sys.executable, "WANDB_MODE": "disabled",
            "QWEN_SFT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO), **env_extra}

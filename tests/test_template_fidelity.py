@@ -4,7 +4,7 @@
 
 The fixture (tests/fixtures/template_fidelity.json) holds conversations and the ids the released tokenizer
 and its official template gave them (made once by tests/fixtures/make_template_fidelity.py), so the check
-runs without ../shared; with ../shared/spec present the fixture itself is re-derived and compared.
+stands alone; the released tokenizer (tests/fixtures) also re-derives the fixture and compares.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The benchmark's inputs and baseline are what it says they are (no timing is asserted).
 
-    python -m pytest -q tests/test_tokenize_bench.py
+    python -m pytest -q -m slow tests/test_tokenize_bench.py
 """
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
 
+pytestmark = pytest.mark.slow  # a benchmark's smoke test: the slow tier (tests/README.md)
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "tokenize.py"
 
 

@@ -1,8 +1,8 @@
-"""All of ../shared/realdata through convert + tokenize; the contract checked on every sample.
+"""All of tests/fixtures/realdata through convert + tokenize; the contract checked on every sample.
 
     python -m pytest -q tests/test_tokenize_realdata.py
 
-Skipped when ../shared/realdata is absent; the released-tokenizer run skips when ../shared/spec is absent.
+Both with the offline tokenizer and with the released one (tests/fixtures/README.md).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixture_data import SPEC, need_fixture
 
 from qwen_sft.model.tiny import TinySpec, tiny_config
 from qwen_sft.trace import Sharding, StepPlan, measure
@@ -19,7 +20,7 @@ from qwen_sft.trace.run import trace
 from qwen_sft.train.args import ModelArguments
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_DIR = REPO.parent / "shared/spec/qwen3-coder-30b-a3b-instruct"
+REAL_DIR = SPEC  # the released config.json, checked in
 ADAPTER = str(REPO / "configs/lora/adapter_config.json")
 GiB = 2**30
 
@@ -194,8 +195,7 @@ def test_estimate_trace_cli_and_gpu_memory(tmp_path, capsys):
 
 
 def _real_config():
-    if not (REAL_DIR / "config.json").is_file():
-        pytest.skip("shared/spec/qwen3-coder-30b-a3b-instruct not present")
+    need_fixture(REAL_DIR / "config.json")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(REAL_DIR))

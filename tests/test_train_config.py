@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
+from fixture_data import SPEC_CONFIG, need_fixture
 
 from qwen_sft.train.args import DataArguments, ModelArguments, parse_flags, parse_yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC_CONFIG = REPO.parent / "shared" / "spec" / "qwen3-coder-30b-a3b-instruct" / "config.json"
 TRAIN_CONFIGS = sorted((REPO / "configs" / "train").rglob("*.yaml"))
 
 
@@ -92,8 +92,7 @@ def test_conflicts_name_both_options():
 
 
 def test_expert_memory_from_the_model_config():
-    if not SPEC_CONFIG.exists():
-        pytest.skip("shared/spec not present")
+    need_fixture(SPEC_CONFIG)
     from transformers import AutoConfig
 
     from qwen_sft.train.model import expert_memory_gib

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import write_conversations
 
 from qwen_sft.checkpoint import MARKER, check_adapter_complete, checkpoint_problems, mark_complete
 from qwen_sft.train.run import resolve_resume
 
 REPO = Path(__file__).resolve().parent.parent
-IM_END = 151645
 ATTN = "base_model.model.model.layers.0.self_attn.q_proj"
 EXPERTS = "base_model.model.model.layers.0.mlp.experts"
 
@@ -101,18 +101,7 @@ def test_auto_resume_skips_an_incomplete_last_checkpoint(tmp_path, capsys, damag
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory, offline_tok) -> Path:
     """16 short conversations, tokenized with assistant-only labels."""
-    import random
-
-    rng = random.Random(0)
-    words = "def return value list for loop python code function class import print sort key".split()
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w", encoding="utf-8") as fh:
-        for _ in range(16):
-            prompt = offline_tok.encode(f"<|im_start|>user\n{' '.join(rng.choices(words, k=6))}<|im_end|>\n"
-                                        "<|im_start|>assistant\n")
-            answer = offline_tok.encode(" ".join(rng.choices(words, k=rng.randint(3, 12)))) + [IM_END]
-            fh.write(json.dumps({"input_ids": prompt + answer, "label": [-100] * len(prompt) + answer}) + "\n")
-    return path
+    return write_conversations(tmp_path_factory.mktemp("data") / "train.jsonl", offline_tok, 16)
 
 
 def _config(path: Path, model_dir: Path, data: Path, **extra: object) -> Path:

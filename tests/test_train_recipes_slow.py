@@ -8,35 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port as _free_port
+from helpers import run_group as _run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def _run(cmd: list[str], env: dict, cwd: Path, timeout: int) -> tuple[int, str]:
-    """In its own process group, so that a timeout also ends torchrun's workers."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
-    return proc.returncode, out
 
 
 def test_lora_script_trains_under_torchrun_with_its_deepspeed_config(tiny_model_dir, tmp_path):

@@ -9,42 +9,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port as _free_port
+from helpers import run_group as _run
+from helpers import write_conversations
 
 from qwen_sft.train.args import parse_yaml
 from qwen_sft.train.run import run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-IM_END = 151645
 
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory, offline_tok) -> Path:
     """64 short two-turn conversations, tokenized with assistant-only labels."""
-    import random
-
-    rng = random.Random(0)
-    words = "def return value list for loop python code function class import print sort key".split()
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w", encoding="utf-8") as fh:
-        for _ in range(64):
-            ids: list[int] = []
-            labels: list[int] = []
-            for _turn in range(rng.randint(1, 2)):
-                user = " ".join(rng.choices(words, k=rng.randint(3, 20)))
-                prompt = offline_tok.encode(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
-                answer = offline_tok.encode(" ".join(rng.choices(words, k=rng.randint(3, 30)))) + [IM_END]
-                newline = offline_tok.encode("\n")
-                ids += prompt + answer + newline
-                labels += [-100] * len(prompt) + answer + [-100] * len(newline)
-            fh.write(json.dumps({"input_ids": ids, "label": labels}) + "\n")
-    return path
+    return write_conversations(tmp_path_factory.mktemp("data") / "train.jsonl", offline_tok, 64, two_turn=True)
 
 
 def _yaml(path: Path, model_dir: Path, data: Path, **extra: object) -> Path:
@@ -86,30 +70,6 @@ def test_resume_continues_exactly(tiny_model_dir, tokenized, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=k)
     start = load_file(straight / "checkpoint-3" / "adapter_model.safetensors")
     assert any(not torch.equal(start[k], wa[k]) for k in wa), "the last 3 steps changed nothing"
-
-
-def _free_port() -> str:
-    # torchrun's --master_port 0 leaves the workers waiting on port 0 forever; pick a free port instead.
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def _run(cmd: list[str], env: dict, cwd: Path, timeout: int) -> tuple[int, str]:
-    """Run in its own process group so that a timeout also ends torchrun's workers."""
-    import signal
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
-    return proc.returncode, out
 
 
 def _torchrun(cfg: Path, out: Path, *overrides: str) -> str:
