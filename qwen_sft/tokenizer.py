@@ -191,6 +191,36 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
     return _load_cached(name_or_path, trust_remote_code)
 
 
+def load_data_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer of the data path (convert --tokenize, tokenize, binarize): no transformers, no torch.
+
+    A ``LightTokenizer`` (``qwen_sft/light_tokenizer.py``: the tokenizers library and jinja2, same ids, text and
+    fingerprint as transformers) for ``offline`` and for local Qwen2-family directories; anything it does not
+    mirror (a hub name, another tokenizer class, ``trust_remote_code``) is loaded by ``load_tokenizer`` after a
+    log line that says why, since that imports transformers and torch (seconds).
+    """
+    if name_or_path in OFFLINE_ALIASES:
+        name_or_path = str(offline_tokenizer_dir())
+    if trust_remote_code:
+        why = "--trust_remote_code: the tokenizer's own code runs in transformers"
+    else:
+        from qwen_sft.light_tokenizer import Unsupported, load_light
+
+        try:
+            return _load_light_cached(name_or_path, load_light)
+        except Unsupported as err:
+            why = str(err)
+        except (OSError, ValueError) as err:
+            why = f"{type(err).__name__}: {err}"
+    print(f"tokenizer {name_or_path}: {why}; loading it with transformers (imports torch, seconds)", file=sys.stderr)
+    return load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+@lru_cache(maxsize=8)
+def _load_light_cached(name_or_path: str, load_light):
+    return load_light(name_or_path)
+
+
 @lru_cache(maxsize=8)
 def _load_cached(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer

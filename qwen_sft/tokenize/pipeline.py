@@ -37,7 +37,7 @@ from qwen_sft.tokenize.labels import IGNORE_INDEX, POLICIES, Policy
 from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
 from qwen_sft.tokenize.writers import SampleWriter, format_of, jsonl_rows
-from qwen_sft.tokenizer import DEFAULT_MODEL, load_tokenizer
+from qwen_sft.tokenizer import DEFAULT_MODEL, load_data_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool
 BOM = b"\xef\xbb\xbf"
@@ -94,7 +94,7 @@ def _init(opts: TokenizeOptions, paths: tuple[bool, bool, bool]) -> None:
 
 
 def _make_sample_tokenizer(opts: TokenizeOptions) -> SampleTokenizer:
-    tok = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
+    tok = load_data_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
     return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength, engine=opts.engine)
 
 
