@@ -59,14 +59,20 @@ def _layout(tok: Any) -> tuple[Any, np.ndarray, bool]:
     vocab = getattr(tok, "model_vocab", None) or backend.get_vocab(with_added_tokens=False)
     u2b = _unicode_to_bytes()
     added = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
-    byte_level = type(backend.model).__name__ == "BPE" and set("".join(vocab)) <= u2b.keys()
+    pieces, ids = list(vocab), np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+    joined = "".join(pieces)
+    byte_level = type(backend.model).__name__ == "BPE" and set(joined) <= u2b.keys()
     if not byte_level:
         raise ValueError("the tokenizer is not a byte-level BPE like Qwen3-Coder's; its labels cannot be placed")
+    # Every stand-in character is one byte: translate and encode the whole vocabulary in one call each, then cut it
+    # at the pieces' lengths (one call per piece cost ~0.3 s of the start-up).
     table = str.maketrans({u: chr(b) for u, b in u2b.items()})  # printable stand-in → the byte it stands for
-    ranks = {piece.translate(table).encode("latin-1"): idx for piece, idx in vocab.items()}
-    lens = np.zeros(max([*ranks.values(), *added.values()]) + 1, dtype=np.int64)
-    for piece, idx in ranks.items():
-        lens[idx] = len(piece)
+    raw = joined.translate(table).encode("latin-1")
+    sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    ends = np.cumsum(sizes).tolist()
+    ranks = dict(zip([raw[e - n:e] for e, n in zip(ends, sizes.tolist())], ids.tolist()))
+    lens = np.zeros(max([int(ids.max(initial=-1)), *added.values()]) + 1, dtype=np.int64)
+    lens[ids] = sizes
     for content, idx in added.items():
         lens[idx] = len(content.encode())
     layout = (_tiktoken_encoding(norm, pre, ranks, added), lens, norm is not None)
