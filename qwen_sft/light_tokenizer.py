@@ -230,8 +230,11 @@ class LightTokenizer:
                       add_generation_prompt=add_generation_prompt, **{**self.special_tokens_map, **kwargs})
 
 
-def load_light(name_or_path: str | os.PathLike) -> LightTokenizer:
-    """Build the tokenizer of a local directory, or raise Unsupported saying why it must go to transformers."""
+def load_light(name_or_path: str | os.PathLike, name: str | None = None) -> LightTokenizer:
+    """Build the tokenizer of a local directory, or raise Unsupported saying why it must go to transformers.
+
+    ``name`` is the ``name_or_path`` to report (a hub name whose snapshot directory this is); default the path.
+    """
     folder = Path(name_or_path)
     if not folder.is_dir():
         raise Unsupported(f"{name_or_path} is not a local directory")
@@ -269,5 +272,5 @@ def load_light(name_or_path: str | os.PathLike) -> LightTokenizer:
         raise Unsupported("neither tokenizer.json nor vocab.json + merges.txt")
     if "added_tokens_decoder" in config:
         added = {int(i): _added_token(t) for i, t in config["added_tokens_decoder"].items()}
-    return LightTokenizer(str(name_or_path), config, vocab, bpe, added, _chat_template(folder, config),
+    return LightTokenizer(name or str(name_or_path), config, vocab, bpe, added, _chat_template(folder, config),
                           post_processor)

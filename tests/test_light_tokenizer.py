@@ -189,6 +189,24 @@ def test_unsupported_tokenizers_fall_back_to_transformers_with_a_log_line(offlin
         load_light(other)
 
 
+def test_a_hub_name_loads_light_from_the_hub_cache(saved_dir, tmp_path, monkeypatch, capsys):
+    """``-m Org/Name`` (the default is a hub name) reads the tokenizer files through huggingface_hub's cache."""
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "hub" / "models--qwen-sft-test--tok" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (snapshot / name).write_bytes((saved_dir / name).read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    tok = load_data_tokenizer("qwen-sft-test/tok")
+    assert isinstance(tok, LightTokenizer) and tok.name_or_path == "qwen-sft-test/tok"
+    assert tokenizer_fingerprint(tok)["vocab_sha256"] == tokenizer_fingerprint(load_light(saved_dir))["vocab_sha256"]
+    assert capsys.readouterr().err == ""
+
+
 GUARD = """
 import json, sys
 from pathlib import Path
