@@ -102,7 +102,6 @@ class LightTokenizer:
         self.name_or_path = name_or_path
         self.chat_template = chat_template
         self.model_vocab = vocab  # token → id of the BPE model, without added tokens
-        self.init_kwargs = config
         named = {k: _token_text(config[k]) if k in config else QWEN2_DEFAULTS.get(k)
                  for k in SPECIAL_TOKENS_ATTRIBUTES}
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
