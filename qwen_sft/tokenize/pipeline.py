@@ -11,6 +11,7 @@ temporary folder and sends only the file's name through the pool's pipe (see ``_
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -180,9 +181,11 @@ def _chunks(src: Path, size: int, stats: stats_mod.RunStats) -> Iterator[list[tu
 
 
 def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterator[tuple]:
-    if opts.workers == 1:
-        yield from (_process(chunk, fmt) for chunk in chunks)
+    head = list(itertools.islice(chunks, 2)) if opts.workers > 1 else []
+    if opts.workers == 1 or len(head) < 2:  # one chunk: starting worker processes would only add their start-up
+        yield from (_process(chunk, fmt) for chunk in itertools.chain(head, chunks))
         return
+    chunks = itertools.chain(head, chunks)
     # fork shares the loaded tokenizer for free; spawn (macOS, Windows) rebuilds it in each worker
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     st = _WORKER
