@@ -25,12 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def commands(repo: Path, tmp: Path) -> dict[str, list[str]]:
+def commands(repo: Path, tmp: Path, label: str) -> dict[str, list[str]]:
+    out = tmp / label  # each checkout writes its own outputs
     return {
         "convert --tokenize": [sys.executable, str(repo / "convert_to_chatml.py"), str(tmp / "raw"), "--tokenize",
-                               "-m", "offline", "-o", str(tmp / "out" / "sft.jsonl"), "--no_progress"],
-        "binarize": [sys.executable, str(repo / "binarize_data.py"), "-input_path", str(tmp / "out" / "sft.chatml.jsonl"),
-                     "-output_path", str(tmp / "bin.jsonl"), "-tokenizer_path", "offline", "--no-progress"],
+                               "-m", "offline", "-o", str(out / "sft.jsonl"), "--no_progress"],
+        "binarize": [sys.executable, str(repo / "binarize_data.py"), "-input_path", str(out / "sft.chatml.jsonl"),
+                     "-output_path", str(out / "bin.jsonl"), "-tokenizer_path", "offline", "--no-progress"],
     }
 
 
@@ -38,7 +39,9 @@ def run_once(cmd: list[str], repo: Path) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(repo)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -69,17 +72,17 @@ def main() -> None:
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.repeat):  # interleaved, so both checkouts see the same load
             for label, repo in repos.items():
-                for what, cmd in commands(repo, tmp).items():  # binarize reads the ChatML convert wrote
+                for what, cmd in commands(repo, tmp, label).items():  # binarize reads the ChatML convert wrote
                     results.setdefault((label, what), []).append(run_once(cmd, repo))
         print(f"load average after: {os.getloadavg()}")
         print(f"{'checkout':10s} {'command':20s} {'best s':>7s} {'median s':>8s} {'cpu s':>6s}  heavy imports")
         for (label, what), runs in results.items():
             walls, cpus = [w for w, _ in runs], [c for _, c in runs]
-            cmd = commands(repos[label], tmp)[what]
+            cmd = commands(repos[label], tmp, label)[what]
             print(f"{label:10s} {what:20s} {min(walls):7.2f} {statistics.median(walls):8.2f} "
                   f"{statistics.median(cpus):6.2f}  {', '.join(heavy_imports(cmd, repos[label])) or 'none'}")
         if args.baseline:
-            for what in commands(REPO, tmp):
+            for what in commands(REPO, tmp, "this"):
                 ratio = min(w for w, _ in results[("baseline", what)]) / min(w for w, _ in results[("this", what)])
                 print(f"{what}: {ratio:.1f}x faster (best wall time, baseline / this)")
 

@@ -60,14 +60,16 @@ def _layout(tok: Any) -> tuple[Any, np.ndarray, bool]:
     u2b = _unicode_to_bytes()
     added = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
     pieces, ids = list(vocab), np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
-    joined = "".join(pieces)
-    byte_level = type(backend.model).__name__ == "BPE" and set(joined) <= u2b.keys()
+    # Each stand-in character is one byte: map the whole joined vocabulary through a lookup table at once and cut
+    # it at the pieces' lengths (str.translate per token was ~0.2 s of the start-up).
+    codes = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32)
+    lut = np.full(max(map(ord, u2b)) + 1, -1, dtype=np.int16)
+    lut[[ord(u) for u in u2b]] = list(u2b.values())
+    mapped = lut[np.minimum(codes, len(lut) - 1)]
+    byte_level = type(backend.model).__name__ == "BPE" and bool((codes < len(lut)).all() and (mapped >= 0).all())
     if not byte_level:
         raise ValueError("the tokenizer is not a byte-level BPE like Qwen3-Coder's; its labels cannot be placed")
-    # Every stand-in character is one byte: translate and encode the whole vocabulary in one call each, then cut it
-    # at the pieces' lengths (one call per piece cost ~0.3 s of the start-up).
-    table = str.maketrans({u: chr(b) for u, b in u2b.items()})  # printable stand-in → the byte it stands for
-    raw = joined.translate(table).encode("latin-1")
+    raw = mapped.astype(np.uint8).tobytes()
     sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     ends = np.cumsum(sizes).tolist()
     ranks = dict(zip([raw[e - n:e] for e, n in zip(ends, sizes.tolist())], ids.tolist()))
