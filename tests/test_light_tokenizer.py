@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from qwen_sft.chat_template import compile_template, render
+from qwen_sft.conversation import normalize_record
 from qwen_sft.light_tokenizer import LightTokenizer, Unsupported, load_light
 from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
-from qwen_sft.tokenize.render import normalize_record
 from qwen_sft.tokenizer import load_data_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
