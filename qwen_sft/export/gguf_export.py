@@ -33,6 +33,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from qwen_sft.merge.adapter import MergeError
+from qwen_sft.model.checkpoint import expert_key
 
 ARCH = "qwen3moe"
 TYPES = ("bf16", "q8_0", "f32")
@@ -130,7 +131,7 @@ def plan_tensors(info: dict[str, tuple[tuple[int, ...], str]], cfg: dict) -> tup
             else:
                 problems.append(f"{hf} is missing")
         for proj, tail in EXPERT_NAMES.items():
-            keys = [f"{pre}mlp.experts.{e}.{proj}.weight" for e in range(n_exp)]
+            keys = [expert_key(f"{pre}mlp.experts", e, proj) for e in range(n_exp)]
             absent = [k for k in keys if k not in info]
             if absent:
                 fused = any(k.startswith(pre + "mlp.experts.") and k.count(".") == 5 for k in info)
