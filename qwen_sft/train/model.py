@@ -82,8 +82,11 @@ def expert_lora_spec(model_args: ModelArguments):
     cfg = read_lora_config(model_args.peft_config_path)
     targets = cfg.get("target_modules")
     if isinstance(targets, list) and not cfg.get("target_parameters") \
-            and not any(t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS for t in targets):
-        return None  # attention-only LoRA: the engine holds no expert factors
+            and not any((t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS)
+                        and "shared_expert" not in t for t in targets):
+        # attention-only LoRA (qwen3_next: "shared_expert.gate_proj" etc. name the shared expert's Linears only):
+        # the engine holds no expert factors
+        return None
     r, alpha, _, rank_pattern, alpha_pattern = lora_settings(cfg)
     return ExpertLoraSpec.from_lora_config({"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern,
                                             "alpha_pattern": alpha_pattern},
