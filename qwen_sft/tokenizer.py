@@ -191,6 +191,48 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = 
     return _load_cached(name_or_path, trust_remote_code)
 
 
+def load_data_tokenizer(name_or_path: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer of the data path (convert --tokenize, tokenize, binarize): no transformers, no torch.
+
+    A ``LightTokenizer`` (``qwen_sft/light_tokenizer.py``: the tokenizers library and jinja2, same ids, text and
+    fingerprint as transformers) for ``offline``, local Qwen2-family directories and hub names (their tokenizer
+    files fetched by huggingface_hub); anything it does not mirror (another tokenizer class, ``auto_map`` code,
+    ``trust_remote_code``, a name the hub cannot resolve) is loaded by ``load_tokenizer`` after a log line that
+    says why, since that imports transformers and torch (seconds).
+    """
+    if name_or_path in OFFLINE_ALIASES:
+        name_or_path = str(offline_tokenizer_dir())
+    if trust_remote_code:
+        why = "--trust_remote_code: the tokenizer's own code runs in transformers"
+    else:
+        from qwen_sft.light_tokenizer import Unsupported, load_light
+
+        try:
+            return _load_light_cached(name_or_path, load_light)
+        except Unsupported as err:
+            why = str(err)
+        except Exception as err:  # noqa: BLE001 - hub errors are many types; transformers reports them properly
+            why = f"{type(err).__name__}: {err}"
+    print(f"tokenizer {name_or_path}: {why}; loading it with transformers (imports torch, seconds)", file=sys.stderr)
+    return load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+# The files a tokenizer needs from a model repository (transformers reads the same ones).
+HUB_TOKENIZER_FILES = ["tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                       "additional_chat_templates/*.jinja", "special_tokens_map.json", "added_tokens.json"]
+
+
+@lru_cache(maxsize=8)
+def _load_light_cached(name_or_path: str, load_light):
+    if os.path.isdir(name_or_path):
+        return load_light(name_or_path)
+    # A hub name: the tokenizer files only, through huggingface_hub (its cache, HF_HUB_OFFLINE, HF_TOKEN), as
+    # AutoTokenizer would fetch them; any failure goes to transformers, whose error names the fix.
+    from huggingface_hub import snapshot_download
+
+    return load_light(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_TOKENIZER_FILES), name=name_or_path)
+
+
 @lru_cache(maxsize=8)
 def _load_cached(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer

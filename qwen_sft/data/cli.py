@@ -185,12 +185,12 @@ def _run(argv: list[str] | None) -> int:
     paths = OutputPaths.of(output, out_dir, args.tokenize)
     tokenize = None
     if args.tokenize:  # fail early: the tokenizer must load before any record is converted
-        from qwen_sft.tokenizer import TokenizerLoadError, load_tokenizer
+        from qwen_sft.tokenizer import TokenizerLoadError, load_data_tokenizer
 
         try:
             from qwen_sft.tokenize.pipeline import tokenize_chatml_file
 
-            load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+            load_data_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
         except (TokenizerLoadError, ImportError, ValueError) as err:
             print(f"convert_to_chatml: --tokenize: {err}", file=sys.stderr)
             return 1

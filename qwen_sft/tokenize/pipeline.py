@@ -11,6 +11,7 @@ temporary folder and sends only the file's name through the pool's pipe (see ``_
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -38,7 +39,7 @@ from qwen_sft.tokenize import stats as stats_mod
 from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
 from qwen_sft.tokenize.labels import POLICIES, Policy
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
-from qwen_sft.tokenizer import DEFAULT_MODEL, load_tokenizer
+from qwen_sft.tokenizer import DEFAULT_MODEL, load_data_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool
 BOM = b"\xef\xbb\xbf"
@@ -95,7 +96,7 @@ def _init(opts: TokenizeOptions, paths: tuple[bool, bool, bool]) -> None:
 
 
 def _make_sample_tokenizer(opts: TokenizeOptions) -> SampleTokenizer:
-    tok = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
+    tok = load_data_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
     return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength, engine=opts.engine)
 
 
@@ -181,9 +182,11 @@ def _chunks(src: Path, size: int, stats: stats_mod.RunStats) -> Iterator[list[tu
 
 
 def _results(chunks: Iterator[list], opts: TokenizeOptions, fmt: str) -> Iterator[tuple]:
-    if opts.workers == 1:
-        yield from (_process(chunk, fmt) for chunk in chunks)
+    head = list(itertools.islice(chunks, 2)) if opts.workers > 1 else []
+    if opts.workers == 1 or len(head) < 2:  # one chunk: starting worker processes would only add their start-up
+        yield from (_process(chunk, fmt) for chunk in itertools.chain(head, chunks))
         return
+    chunks = itertools.chain(head, chunks)
     # fork shares the loaded tokenizer for free; spawn (macOS, Windows) rebuilds it in each worker
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     st = _WORKER

@@ -1,8 +1,8 @@
 """Validated messages → text rendered by the tokenizer's own chat template (``Renderer``).
 
 The chat template is the only source of the prompt format: we never retype it. We render with the
-template compiled once (transformers' own Jinja environment, the same keyword arguments as
-``apply_chat_template``) and check at start-up that this gives the very string ``apply_chat_template``
+template compiled once (transformers' Jinja environment, qwen_sft/chat_template.py, the same keyword arguments
+as ``apply_chat_template``) and check at start-up that this gives the very string ``apply_chat_template``
 gives; if it ever does not, every record goes through ``apply_chat_template`` itself.
 
 Reading and validating the record is the conversation contract's (``qwen_sft.conversation``); splitting the
@@ -35,12 +35,12 @@ class Renderer:
     """
 
     def __init__(self, tok: Any) -> None:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+        from qwen_sft.chat_template import compile_template
 
         self.tok = tok
         if not tok.chat_template:
             raise ValueError("the tokenizer has no chat template; point -m at a Qwen3-Coder tokenizer directory")
-        self._template = _compile_jinja_template(tok.get_chat_template())
+        self._template = compile_template(tok.get_chat_template())
         self._kwargs = dict(tok.special_tokens_map)
         self.fast = True  # compiled template instead of apply_chat_template
         self.plain = True  # plain concatenation for tool-free records

@@ -123,24 +123,10 @@ def save(stats: RunStats, output: Path, max_len: int, /, json_path: Path | None 
     with (open(json_path, "w", encoding="utf-8") if direct else atomic_open(json_path)) as fh:
         json.dump(stats.to_dict(max_len=max_len, **context), fh, indent=2)
         fh.write("\n")
-    import matplotlib
+    from qwen_sft.tokenize.lengths_plot import draw_lengths
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for counts, label in ((stats.lengths, "written"), (stats.dropped_lengths, "dropped (over max_len)")):
-        if counts:
-            keys = sorted(counts)
-            ax.hist(keys, weights=[counts[k] for k in keys], bins=60, alpha=0.7, label=label)
-    ax.axvline(max_len, color="red", linestyle="--", label=f"max_len={max_len}")
-    ax.set_xlabel("tokens per sample")
-    ax.set_ylabel("samples")
-    ax.set_title(f"{output.name}: {stats.samples_written:,} samples, {stats.tokens:,} tokens")
-    ax.legend()
-    fig.tight_layout()
+    title = f"{output.name}: {stats.samples_written:,} samples, {stats.tokens:,} tokens"
+    png = draw_lengths(stats.lengths, stats.dropped_lengths, max_len, title)
     with (open(png_path, "wb") if direct else atomic_open(png_path, "wb")) as fh:
-        # No timestamp or version in the PNG, so the plot too is the same bytes for the same data.
-        fig.savefig(fh, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+        fh.write(png)
     return json_path, png_path
