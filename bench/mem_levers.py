@@ -112,7 +112,56 @@ def patched_trace(foreach: bool | None, chunk_experts: int):
         trun.make_optimizer, trun.build_model = orig_opt, orig_build
 
 
-def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
+@contextlib.contextmanager
+def largest_at_peak(n: int, found: list):
+    """The trace's tracker, also keeping the ``n`` largest live device tensors (op, shape, dtype, category, module)
+    each time the peak has grown by 32 MiB: what holds the peak. Appends each tracker to ``found``."""
+    import qwen_sft.trace.step as tstep
+    from qwen_sft.trace.tracker import PeakTracker
+
+    class Labelled(PeakTracker):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            self._op, self._labels, self._shot_at, self.largest = "", {}, 0, None
+            found.append(self)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._op = str(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _new_info(self, st, t, reftype):
+            winfo = super()._new_info(st, t, reftype)
+            where = [p for p in self._mod_tracker.parents if p != "Global"]
+            self._labels[id(winfo)] = (self._op, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                                       max(where, key=len) if where else "")
+            return winfo
+
+        def _update_peak_stats(self, peak_state) -> None:
+            before = self.peak_bytes
+            super()._update_peak_stats(peak_state)
+            if self.peak_bytes > before and self.peak_bytes - self._shot_at >= 32 * 2**20:
+                self._shot_at = self.peak_bytes
+                live = [(w.mem_consumed, w.category, self._labels.get(id(w), ("?", (), "", "")))
+                        for w, _ in self._WINFO.values() if w.device == self.device]
+                self.largest = (self.peak_bytes, self.phase, sorted(live, key=lambda r: -r[0])[:n])
+
+    original = tstep.PeakTracker
+    tstep.PeakTracker = Labelled
+    try:
+        yield
+    finally:
+        tstep.PeakTracker = original
+
+
+def print_largest(tracker) -> None:
+    peak, phase, rows = tracker.largest
+    print(f"    largest live tensors near the {phase} peak of this trace ({peak / GiB:.2f} GiB, "
+          f"{tracker.regions and 'traced layers only'}):")
+    for nbytes, category, (op, shape, dtype, where) in rows:
+        print(f"      {nbytes / 2**20:9.1f} MiB  {category:<32} {op:<40} {str(list(shape)):<18} {dtype:<9} {where}")
+
+
+def run_setting(config, opts: dict[str, str], seq: int, tmp: Path, largest: int = 0):
     from qwen_sft.trace import StepPlan, measure
     from qwen_sft.train.args import ModelArguments
 
@@ -128,9 +177,13 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
                                           int(opts["loss_chunk"])))
     foreach = None if opts["foreach"] == "none" else opts["foreach"] == "1"
     t0 = time.perf_counter()
-    with patched_trace(foreach, int(opts["chunk_experts"])):
+    trackers: list = []
+    with patched_trace(foreach, int(opts["chunk_experts"])), \
+            largest_at_peak(largest, trackers) if largest else contextlib.nullcontext():
         m = measure(config, model_args, plan, gradient_checkpointing=opts["checkpointing"] == "1",
                     optim=opts["optim"], layers=opts["layers"])
+    if trackers and trackers[-1].largest:
+        print_largest(trackers[-1])
     return m, time.perf_counter() - t0
 
 
@@ -140,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, action="append", help="tokens of the micro-batch (repeatable; default 2048)")
     p.add_argument("--set", dest="settings", action="append", default=[], help="name:key=value,... (repeatable)")
     p.add_argument("--json", help="also write the reports here")
+    p.add_argument("--largest", type=int, default=0,
+                   help="also print the N largest live tensors at the peak of the (last) traced model")
     a = p.parse_args(argv)
     from transformers import AutoConfig
 
@@ -149,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in a.settings or ["default:"]:
             name, opts = parse_setting(text)
             with tempfile.TemporaryDirectory() as tmp:
-                m, secs = run_setting(config, opts, seq, Path(tmp))
+                m, secs = run_setting(config, opts, seq, Path(tmp), a.largest)
             rep = m.report
             breakdown = {row.name: row.bytes for row in rep.rows}
             rows.append({"name": name, "seq": seq, "opts": opts, "peak": rep.peak, "planned": rep.planned,

@@ -10,8 +10,9 @@ Per expert e with routed rows X (n x H), W1 = gate_up [2I, H], W2 = down [H, I],
 
 The low-rank terms go through the r-wide intermediates only, so the dense E x out x in delta-W that
 peft's ``ParamWrapper`` builds is never formed. Base weights are dequantized per chunk of experts that
-received tokens, used, and dropped; backward dequantizes them again instead of saving them, so only the
-routed inputs, the pre-activations h and the r-wide intermediates are kept for backward.
+received tokens, used, and dropped; backward dequantizes them again instead of saving them. Routed rows are
+gathered and scattered a chunk at a time, so only the pre-activations h and the r-wide intermediates are kept
+for backward (``_RoutedExpertsFn``).
 """
 
 from __future__ import annotations
@@ -56,22 +57,29 @@ def token_tiles(num_tokens: int, top_k: int, max_routed_rows: int | None) -> lis
 
 
 class _RoutedExpertsFn(torch.autograd.Function):
-    """y = expert_e(x) for rows grouped by expert, chunk by chunk through the engine's kernels
-    (qwen_sft/moe/kernels.py); LoRA factors are inputs so autograd hands us their grads."""
+    """out[t] = sum over t's routed rows of w_row * expert_e(hidden[t]), chunk by chunk through the engine's
+    kernels (qwen_sft/moe/kernels.py); LoRA factors are inputs so autograd hands us their grads.
+
+    Rows are gathered from ``hidden`` and scattered into ``out`` one chunk at a time, and the routing weight
+    scales the down projection's input (``down(w a) = w down(a)``, LoRA included), so neither the routed inputs
+    nor the routed outputs ([T*K, H] each) are materialised or saved: backward keeps the pre-activations h and
+    the r-wide intermediates, and gathers the rows again from ``hidden`` (held anyway by the caller's graph)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, engine: ExpertEngine, experts: list[int], counts: list[int],
-                a1: torch.Tensor | None, b1: torch.Tensor | None, a2: torch.Tensor | None,
-                b2: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, engine: ExpertEngine, token_of: torch.Tensor,
+                experts: list[int], counts: list[int], a1: torch.Tensor | None, b1: torch.Tensor | None,
+                a2: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor:
         kernels = resolve_kernels(engine.kernels)
-        grouped = engine.use_grouped_mm(x)
+        grouped = engine.use_grouped_mm(hidden)
         layer = engine.projections(a1, b1, a2, b2)
-        ys, hs, t1s, t2s = [], [], [], []
-        for chunk, rows in engine.chunks(experts, counts, x.dtype, grouped, layer, x.device):
-            h, t1 = kernels.gate_up_forward(chunk, x[rows])
+        out = torch.zeros_like(hidden)
+        hs, t1s, t2s = [], [], []
+        for chunk, rows in engine.chunks(experts, counts, hidden.dtype, grouped, layer, hidden.device):
+            tokens = token_of[rows]
+            h, t1 = kernels.gate_up_forward(chunk, hidden.index_select(0, tokens))
             gate, up = h.chunk(2, dim=-1)
-            y, t2 = kernels.down_forward(chunk, F.silu(gate) * up)
-            ys.append(y)
+            y, t2 = kernels.down_forward(chunk, F.silu(gate) * up * weights[rows].unsqueeze(-1))
+            out.index_add_(0, tokens, y)
             hs.append(h)
             if t1 is not None:
                 t1s.append(t1)
@@ -79,31 +87,37 @@ class _RoutedExpertsFn(torch.autograd.Function):
                 t2s.append(t2)
         ctx.engine, ctx.experts, ctx.counts, ctx.grouped = engine, experts, counts, grouped
         cat = (lambda t: torch.cat(t) if t else None)  # noqa: E731
-        ctx.save_for_backward(x, cat(hs), cat(t1s), cat(t2s), a1, b1, a2, b2)
-        return torch.cat(ys) if ys else x.new_zeros(0, engine.hidden_dim)
+        ctx.save_for_backward(hidden, weights, token_of, cat(hs), cat(t1s), cat(t2s), a1, b1, a2, b2)
+        return out
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, h_all, t1_all, t2_all, a1, b1, a2, b2 = ctx.saved_tensors
+    def backward(ctx, dout: torch.Tensor):
+        hidden, weights, token_of, h_all, t1_all, t2_all, a1, b1, a2, b2 = ctx.saved_tensors
         engine: ExpertEngine = ctx.engine
         kernels = resolve_kernels(engine.kernels)
         layer = engine.projections(a1, b1, a2, b2)
-        dy = dy.to(x.dtype).contiguous()  # grouped GEMM wants dense rows; autograd may hand an expanded grad
+        dout = dout.to(hidden.dtype)
         grads = FactorGrads.zeros(a1, b1, a2, b2)
-        dxs = []
-        for chunk, rows in engine.chunks(ctx.experts, ctx.counts, x.dtype, ctx.grouped, layer, x.device):
+        dhidden = torch.zeros_like(hidden)
+        dweights = torch.zeros_like(weights)
+        for chunk, rows in engine.chunks(ctx.experts, ctx.counts, hidden.dtype, ctx.grouped, layer, hidden.device):
+            tokens = token_of[rows]
             gate, up = h_all[rows].chunk(2, dim=-1)
             sig = torch.sigmoid(gate)
             silu = gate * sig
-            down = kernels.down_backward(chunk, dy[rows], silu * up, t2_all[rows] if t2_all is not None else None)
-            da = down.input
+            act, w = silu * up, weights[rows].unsqueeze(-1)
+            down = kernels.down_backward(chunk, dout.index_select(0, tokens), act * w,
+                                         t2_all[rows] if t2_all is not None else None)
+            dweights[rows] = (down.input * act).sum(-1, dtype=torch.float32).to(weights.dtype)
+            da = down.input * w
             dgate = da * up * (sig * (1 + gate * (1 - sig)))
-            gate_up = kernels.gate_up_backward(chunk, torch.cat([dgate, da * silu], dim=-1), x[rows],
+            gate_up = kernels.gate_up_backward(chunk, torch.cat([dgate, da * silu], dim=-1),
+                                               hidden.index_select(0, tokens),
                                                t1_all[rows] if t1_all is not None else None)
-            dxs.append(gate_up.input)
+            dhidden.index_add_(0, tokens, gate_up.input)
             grads.add(chunk.experts, gate_up, down)
-        dx = torch.cat(dxs) if dxs else torch.zeros_like(x)
-        return (dx if ctx.needs_input_grad[0] else None, None, None, None, *grads.as_inputs(a1, b1, a2, b2))
+        return (dhidden if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None,
+                None, None, None, None, *grads.as_inputs(a1, b1, a2, b2))
 
 
 class FactorGrads(NamedTuple):
@@ -233,13 +247,12 @@ class ExpertEngine(nn.Module):
         hit = torch.nonzero(counts).flatten()
         experts, hit_counts = hit.tolist(), counts[hit].tolist()
         compute_dtype = self.compute_dtype or hidden_states.dtype
-        x = hidden_states.index_select(0, token_of).to(compute_dtype)
+        weights = top_k_weights.reshape(-1)[order].to(compute_dtype)  # each routed row's weight, rows by expert
         lora = (self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B) if self.has_lora \
             else (None, None, None, None)
-        y = _RoutedExpertsFn.apply(x, self, experts, hit_counts, *lora)
-        y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-        out = torch.zeros_like(hidden_states)
-        return out.index_add(0, token_of, y.to(hidden_states.dtype))
+        out = _RoutedExpertsFn.apply(hidden_states.to(compute_dtype), weights, self, token_of, experts, hit_counts,
+                                     *lora)
+        return out.to(hidden_states.dtype)
 
     def storage_bytes(self) -> int:
         return self.gate_up_base.storage_bytes() + self.down_base.storage_bytes()
