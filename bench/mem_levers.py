@@ -7,7 +7,7 @@ A setting is ``name:key=value,...`` over: ``chunked_loss`` (0/1, qwen_sft/train/
 optim name: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit), ``foreach`` (0/1/none: torch AdamW's multi-tensor
 update), ``lora_dtype`` (float32/bfloat16), ``offload`` (0/1: activations saved outside the checkpointed layers
 go to the host, as --offload_activations does), ``chunk_experts`` (the engine's dequantize chunk), ``expert_lora``
-(0/1), ``loss_chunk`` (tokens per lm_head chunk of the chunked loss), ``checkpointing`` (0/1), ``layers`` (fit/all). The trace counts a paged optimizer's state (CUDA managed
+(0/1), ``tile_rows`` (the engine's routed rows per token tile, ``expert_tile_rows``; 0: never tile), ``loss_chunk`` (tokens per lm_head chunk of the chunked loss), ``checkpointing`` (0/1), ``layers`` (fit/all). The trace counts a paged optimizer's state (CUDA managed
 memory, invisible to ``torch.cuda.max_memory_allocated``) as optimizer state: same bytes, on the card.
 The model, engine, LoRA, loss and optimizer are the training code's own (qwen_sft.train, qwen_sft.moe).
 """
@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from torch.nn import functional as F
 
 GiB = 2**30
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULTS = {"chunked_loss": "1", "optim": "adamw_torch", "foreach": "none", "lora_dtype": "float32", "offload": "0",
             "chunk_experts": "32", "expert_lora": "1", "checkpointing": "1", "layers": "fit", "r": "8",
-            "loss_chunk": "1024", "adapter": "fused"}
+            "loss_chunk": "1024", "adapter": "fused", "tile_rows": "65536"}
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
@@ -43,22 +42,8 @@ def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     return name, opts
 
 
-@contextlib.contextmanager
-def offload_to_host():
-    """``torch.autograd.graph.save_on_cpu`` for a trace: saved tensors leave the traced device for "meta" (the
-    tracker counts them as host bytes) and come back as a fresh tensor in backward."""
-    def pack(t):
-        return t.device, t.to("meta")
-
-    def unpack(packed):
-        device, t = packed
-        return torch.empty_like(t, device=device)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
 def loss_fn(chunked: bool, offload: bool, chunk_tokens: int = 1024):
+    from qwen_sft.trace.step import offload_to_host
     from qwen_sft.train.loss import causal_lm, chunked_lm_loss, forward_hidden
 
     def fn(model, batch):
@@ -77,8 +62,9 @@ def loss_fn(chunked: bool, offload: bool, chunk_tokens: int = 1024):
 
 
 @contextlib.contextmanager
-def patched_trace(foreach: bool | None, chunk_experts: int):
-    """The trace's optimizer is the trainer's (qwen_sft.train.optim, with foreach); the engine's chunk set."""
+def patched_trace(foreach: bool | None, chunk_experts: int, tile_rows: int = 65_536):
+    """The trace's optimizer is the trainer's (qwen_sft.train.optim, with foreach); the engine's chunk and routed-row
+    tile set (``expert_tile_rows``, as qwen_sft/train/run.py sets it; 0: never tile)."""
     import qwen_sft.trace.run as trun
     from qwen_sft.moe.experts import ExpertEngine
     from qwen_sft.train.optim import make_optimizer
@@ -103,6 +89,7 @@ def patched_trace(foreach: bool | None, chunk_experts: int):
         for m in built.model.modules():
             if isinstance(m, ExpertEngine):
                 m.chunk_experts = chunk_experts
+                m.max_routed_rows = tile_rows or None
         return built
 
     trun.make_optimizer, trun.build_model = opt, build
@@ -178,7 +165,7 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path, largest: int 
     foreach = None if opts["foreach"] == "none" else opts["foreach"] == "1"
     t0 = time.perf_counter()
     trackers: list = []
-    with patched_trace(foreach, int(opts["chunk_experts"])), \
+    with patched_trace(foreach, int(opts["chunk_experts"]), int(opts["tile_rows"])), \
             largest_at_peak(largest, trackers) if largest else contextlib.nullcontext():
         m = measure(config, model_args, plan, gradient_checkpointing=opts["checkpointing"] == "1",
                     optim=opts["optim"], layers=opts["layers"])
