@@ -41,3 +41,36 @@ def test_trace_cli_traces_the_runs_loss(tmp_path, capsys):
     assert rows["full"][loss] > 0.2 and rows["default"][loss] > 0.2
     assert rows["default"][loss] > 4 * rows["offload"][loss]
     assert rows["default"][peak] > rows["offload"][peak]
+
+
+def test_rehearsal_traces_the_runs_offload():
+    import torch
+
+    from qwen_sft.trace.rehearse import _run_loss
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return type("Out", (), {"loss": (x * self.w).sum()})()
+
+    packed: list = []  # what the offload hook packs: (device, the host-side copy), spied on
+    original = torch.autograd.graph.saved_tensors_hooks.__init__
+
+    def spy(self, pack, unpack):
+        original(self, lambda t: packed.append(pack(t)) or packed[-1], unpack)
+
+    x = torch.randn(4)
+    for offload in (False, True):
+        packed.clear()
+        r = RunArguments(chunked_loss=False, offload_activations=offload)
+        torch.autograd.graph.saved_tensors_hooks.__init__ = spy
+        try:
+            if offload:
+                _run_loss(r)(Model(), {"x": x})
+        finally:
+            torch.autograd.graph.saved_tensors_hooks.__init__ = original
+        assert (_run_loss(r) is None) == (not offload)  # the model's own loss, untouched, without offload
+    assert packed and all(device.type == "cpu" and t.device.type == "meta" for device, t in packed)
