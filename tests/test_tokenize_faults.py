@@ -65,7 +65,7 @@ def test_a_record_that_breaks_tokenizing_is_only_its_own_reject(tmp_path):
                                         {"messages": [U, A]}])
     s = run(src, tmp_path / "out.jsonl", max_len=256)
     assert (s["records_read"], s["samples"]) == (3, 2) and rejects(tmp_path / "out.jsonl") == [
-        (1, "bad_tool_arguments")]
+        (1, "nested_too_deep")]
     # the integer past 64 bits is rendered with its exact digits (orjson alone would make it 1e+30)
     from qwen_sft.tokenizer import load_tokenizer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwen_sft.data.messages import ReasoningPolicy
+from qwen_sft.data.parts import ReasoningPolicy
 
 # Targets a --map entry may fill. Repeating user/assistant/system joins the pieces with a blank line.
 MAP_TARGETS = ("system", "user", "assistant", "messages", "conversations", "tools")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qwen_sft.tokenize.render import Turn
+from qwen_sft.tokenize.turns import Turn
 
 Policy = Literal["assistant", "last", "all"]
 POLICIES: tuple[str, ...] = ("assistant", "last", "all")

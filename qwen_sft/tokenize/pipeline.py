@@ -30,11 +30,11 @@ import numpy as np
 import orjson
 
 from qwen_sft.atomic import atomic_group
+from qwen_sft.conversation.errors import RecordError
 from qwen_sft.data.exactjson import loads as exact_loads
 from qwen_sft.tokenize import stats as stats_mod
 from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
 from qwen_sft.tokenize.labels import IGNORE_INDEX, POLICIES, Policy
-from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
 from qwen_sft.tokenize.writers import SampleWriter, format_of, jsonl_rows
 from qwen_sft.tokenizer import DEFAULT_MODEL, load_tokenizer

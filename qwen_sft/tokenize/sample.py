@@ -1,4 +1,4 @@
-"""One ChatML record → (input_ids, label), or a RecordError with its reason.
+"""One ChatML record → (input_ids, label), or a RecordError with its reason (``qwen_sft.conversation``).
 
     from qwen_sft.tokenizer import load_tokenizer
     st = SampleTokenizer(load_tokenizer("offline"))
@@ -18,9 +18,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qwen_sft.conversation.chatml import loss_flags, normalize_record
+from qwen_sft.conversation.errors import RecordError
+from qwen_sft.conversation.types import Message
+from qwen_sft.conversation.validate import validate_conversation
+from qwen_sft.tokenize.align import align_turns
 from qwen_sft.tokenize.encoder import Encoder
 from qwen_sft.tokenize.labels import IGNORE_INDEX, Policy, label_tokens, supervised_spans, token_starts
-from qwen_sft.tokenize.render import RecordError, Renderer, align_turns, loss_flags, normalize_record, parse_turns
+from qwen_sft.tokenize.render import Renderer
+from qwen_sft.tokenize.turns import parse_turns
 
 Overlength = Literal["drop", "truncate"]
 
@@ -59,8 +65,11 @@ class SampleTokenizer:
         vocab = tok.get_vocab()
         self.call_open, self.call_close = vocab.get("<tool_call>", -1), vocab.get("</tool_call>", -1)
 
-    def render(self, record: Any) -> tuple[str, list[dict], list[dict] | None]:
+    def render(self, record: Any) -> tuple[str, list[Message], list[dict] | None]:
+        """Read and validate the record (the conversation contract, as convert does), then render it."""
         messages, tools = normalize_record(record, self.special)
+        # ChatML's own loss semantics: a flag on one grouped tool message supervises the grouped turn
+        validate_conversation(messages, loss_flags(record), grouped="any")
         try:
             text = self.renderer.render(messages, tools)
         except Exception as err:  # noqa: BLE001 - jinja raises anything; the record is what is wrong
