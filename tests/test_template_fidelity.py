@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from qwen_sft.conversation import normalize_record
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.writers import iter_samples
 from qwen_sft.tokenizer import TEMPLATE_PATH
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "template_fidelity.json").read_text(encoding="utf-8"))

@@ -234,7 +234,7 @@ def test_convert_and_tokenize_decide_alike_on_bom_nan_and_null_content(tmp_path,
 
 
 def test_disk_full_and_empty_data_are_one_line_errors(tmp_path, monkeypatch, capsys):
-    from qwen_sft.tokenize import writers
+    from qwen_sft.samples import files as writers
     from qwen_sft.tokenize.cli import main as tokenize_main
 
     (tmp_path / "empty.jsonl").write_text("\n")

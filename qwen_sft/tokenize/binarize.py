@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qwen_sft.samples.files import FORMATS
 from qwen_sft.tokenize.cli import add_tokenize_options, run
-from qwen_sft.tokenize.writers import FORMATS
 
 SAVE_FORMATS = ("jsonl", "parquet", "arrow", "npy")
 
