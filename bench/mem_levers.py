@@ -7,7 +7,7 @@ A setting is ``name:key=value,...`` over: ``chunked_loss`` (0/1, qwen_sft/train/
 optim name: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit), ``foreach`` (0/1/none: torch AdamW's multi-tensor
 update), ``lora_dtype`` (float32/bfloat16), ``offload`` (0/1: activations saved outside the checkpointed layers
 go to the host, as --offload_activations does), ``chunk_experts`` (the engine's dequantize chunk), ``expert_lora``
-(0/1), ``loss_chunk`` (tokens per lm_head chunk of the chunked loss), ``checkpointing`` (0/1), ``layers`` (fit/all). The trace counts a paged optimizer's state (CUDA managed
+(0/1), ``tile_rows`` (the engine's routed rows per token tile, ``expert_tile_rows``; 0: never tile), ``loss_chunk`` (tokens per lm_head chunk of the chunked loss), ``checkpointing`` (0/1), ``layers`` (fit/all). The trace counts a paged optimizer's state (CUDA managed
 memory, invisible to ``torch.cuda.max_memory_allocated``) as optimizer state: same bytes, on the card.
 The model, engine, LoRA, loss and optimizer are the training code's own (qwen_sft.train, qwen_sft.moe).
 """
@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from torch.nn import functional as F
 
 GiB = 2**30
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULTS = {"chunked_loss": "1", "optim": "adamw_torch", "foreach": "none", "lora_dtype": "float32", "offload": "0",
             "chunk_experts": "32", "expert_lora": "1", "checkpointing": "1", "layers": "fit", "r": "8",
-            "loss_chunk": "1024", "adapter": "fused"}
+            "loss_chunk": "1024", "adapter": "fused", "tile_rows": "65536"}
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
@@ -43,22 +42,8 @@ def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     return name, opts
 
 
-@contextlib.contextmanager
-def offload_to_host():
-    """``torch.autograd.graph.save_on_cpu`` for a trace: saved tensors leave the traced device for "meta" (the
-    tracker counts them as host bytes) and come back as a fresh tensor in backward."""
-    def pack(t):
-        return t.device, t.to("meta")
-
-    def unpack(packed):
-        device, t = packed
-        return torch.empty_like(t, device=device)
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
 def loss_fn(chunked: bool, offload: bool, chunk_tokens: int = 1024):
+    from qwen_sft.trace.step import offload_to_host
     from qwen_sft.train.loss import causal_lm, chunked_lm_loss, forward_hidden
 
     def fn(model, batch):
@@ -77,8 +62,9 @@ def loss_fn(chunked: bool, offload: bool, chunk_tokens: int = 1024):
 
 
 @contextlib.contextmanager
-def patched_trace(foreach: bool | None, chunk_experts: int):
-    """The trace's optimizer is the trainer's (qwen_sft.train.optim, with foreach); the engine's chunk set."""
+def patched_trace(foreach: bool | None, chunk_experts: int, tile_rows: int = 65_536):
+    """The trace's optimizer is the trainer's (qwen_sft.train.optim, with foreach); the engine's chunk and routed-row
+    tile set (``expert_tile_rows``, as qwen_sft/train/run.py sets it; 0: never tile)."""
     import qwen_sft.trace.run as trun
     from qwen_sft.moe.experts import ExpertEngine
     from qwen_sft.train.optim import make_optimizer
@@ -103,6 +89,7 @@ def patched_trace(foreach: bool | None, chunk_experts: int):
         for m in built.model.modules():
             if isinstance(m, ExpertEngine):
                 m.chunk_experts = chunk_experts
+                m.max_routed_rows = tile_rows or None
         return built
 
     trun.make_optimizer, trun.build_model = opt, build
@@ -112,7 +99,56 @@ def patched_trace(foreach: bool | None, chunk_experts: int):
         trun.make_optimizer, trun.build_model = orig_opt, orig_build
 
 
-def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
+@contextlib.contextmanager
+def largest_at_peak(n: int, found: list):
+    """The trace's tracker, also keeping the ``n`` largest live device tensors (op, shape, dtype, category, module)
+    each time the peak has grown by 32 MiB: what holds the peak. Appends each tracker to ``found``."""
+    import qwen_sft.trace.step as tstep
+    from qwen_sft.trace.tracker import PeakTracker
+
+    class Labelled(PeakTracker):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            self._op, self._labels, self._shot_at, self.largest = "", {}, 0, None
+            found.append(self)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._op = str(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _new_info(self, st, t, reftype):
+            winfo = super()._new_info(st, t, reftype)
+            where = [p for p in self._mod_tracker.parents if p != "Global"]
+            self._labels[id(winfo)] = (self._op, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                                       max(where, key=len) if where else "")
+            return winfo
+
+        def _update_peak_stats(self, peak_state) -> None:
+            before = self.peak_bytes
+            super()._update_peak_stats(peak_state)
+            if self.peak_bytes > before and self.peak_bytes - self._shot_at >= 32 * 2**20:
+                self._shot_at = self.peak_bytes
+                live = [(w.mem_consumed, w.category, self._labels.get(id(w), ("?", (), "", "")))
+                        for w, _ in self._WINFO.values() if w.device == self.device]
+                self.largest = (self.peak_bytes, self.phase, sorted(live, key=lambda r: -r[0])[:n])
+
+    original = tstep.PeakTracker
+    tstep.PeakTracker = Labelled
+    try:
+        yield
+    finally:
+        tstep.PeakTracker = original
+
+
+def print_largest(tracker) -> None:
+    peak, phase, rows = tracker.largest
+    print(f"    largest live tensors near the {phase} peak of this trace ({peak / GiB:.2f} GiB, "
+          f"{tracker.regions and 'traced layers only'}):")
+    for nbytes, category, (op, shape, dtype, where) in rows:
+        print(f"      {nbytes / 2**20:9.1f} MiB  {category:<32} {op:<40} {str(list(shape)):<18} {dtype:<9} {where}")
+
+
+def run_setting(config, opts: dict[str, str], seq: int, tmp: Path, largest: int = 0):
     from qwen_sft.trace import StepPlan, measure
     from qwen_sft.train.args import ModelArguments
 
@@ -128,9 +164,13 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
                                           int(opts["loss_chunk"])))
     foreach = None if opts["foreach"] == "none" else opts["foreach"] == "1"
     t0 = time.perf_counter()
-    with patched_trace(foreach, int(opts["chunk_experts"])):
+    trackers: list = []
+    with patched_trace(foreach, int(opts["chunk_experts"]), int(opts["tile_rows"])), \
+            largest_at_peak(largest, trackers) if largest else contextlib.nullcontext():
         m = measure(config, model_args, plan, gradient_checkpointing=opts["checkpointing"] == "1",
                     optim=opts["optim"], layers=opts["layers"])
+    if trackers and trackers[-1].largest:
+        print_largest(trackers[-1])
     return m, time.perf_counter() - t0
 
 
@@ -140,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, action="append", help="tokens of the micro-batch (repeatable; default 2048)")
     p.add_argument("--set", dest="settings", action="append", default=[], help="name:key=value,... (repeatable)")
     p.add_argument("--json", help="also write the reports here")
+    p.add_argument("--largest", type=int, default=0,
+                   help="also print the N largest live tensors at the peak of the (last) traced model")
     a = p.parse_args(argv)
     from transformers import AutoConfig
 
@@ -149,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in a.settings or ["default:"]:
             name, opts = parse_setting(text)
             with tempfile.TemporaryDirectory() as tmp:
-                m, secs = run_setting(config, opts, seq, Path(tmp))
+                m, secs = run_setting(config, opts, seq, Path(tmp), a.largest)
             rep = m.report
             breakdown = {row.name: row.bytes for row in rep.rows}
             rows.append({"name": name, "seq": seq, "opts": opts, "peak": rep.peak, "planned": rep.planned,

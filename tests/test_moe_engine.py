@@ -172,3 +172,29 @@ def test_dtype_cast_of_the_model_keeps_nf4_scales_exact():
         store.to(torch.bfloat16).half()
         assert all(not p.is_floating_point() for p in store.parameters())
         assert torch.equal(store.dequantize(None, torch.float32), before)
+
+
+def test_backward_keeps_no_routed_rows():
+    """The engine saves h [T*K, 2I], the r-wide intermediates and the routing bookkeeping; the routed inputs and
+    outputs ([T*K, H] each) are gathered and scattered a chunk at a time and never saved (their bytes at 32K
+    tokens: 4 GiB a layer)."""
+    eng = _engine(True, torch.float32, lora=True)
+    tokens, top_k = 37, 8
+    x = torch.randn(tokens, H, requires_grad=True)
+    idx, wts = _routing(tokens, top_k, list(range(E)), seed=2, dtype=torch.float32)
+    wts.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = eng(x, idx, wts)
+    known = {t.untyped_storage().data_ptr() for t in [x, wts, *eng.parameters()]}
+    new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+           if t.untyped_storage().data_ptr() not in known}
+    rows = tokens * top_k
+    # h (2I), gate_up's rank-2R and down's rank-R intermediates, one weight a row (fp32); token_of and order (int64)
+    assert sum(new.values()) <= rows * 4 * (2 * INTER + 2 * R + R + 1) + rows * 8 * 2
+    # and backward still gives the reference's gradients (test_forward_and_gradients_match_reference covers more)
+    ref_x = x.detach().clone().requires_grad_()
+    ref_w = wts.detach().clone().requires_grad_()
+    ref = _reference(eng, ref_x, idx, ref_w, torch.float32)
+    for a, b in zip(torch.autograd.grad(out.sum(), [x, wts]), torch.autograd.grad(ref.sum(), [ref_x, ref_w])):
+        assert _rel(a, b) < 1e-5

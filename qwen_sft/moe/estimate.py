@@ -18,11 +18,14 @@ per GPU next to the seed README's VRAM table. The formulas are in docs/moe.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from qwen_sft.train.args import RunArguments
 
 GiB = 2**30
 Mode = Literal["qlora", "lora", "full"]
@@ -382,6 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--first-micro-step", action="store_true",
                    help="no gradients from an earlier micro-batch (gradient_accumulation_steps 1)")
     t.add_argument("--gpu-memory", default=None, help="fail unless the traced total fits, e.g. 24GB or 80GiB")
+    run_defaults = {f.name: f.default for f in dataclasses.fields(RunArguments)}
+    t.add_argument("--loss", default="chunked" if run_defaults["chunked_loss"] else "full", choices=["chunked", "full"],
+                   help="the step's loss: training's chunked cross-entropy (chunked_loss, the run's default) or "
+                        "transformers' loss over the full fp32 logits (chunked_loss false)")
+    t.add_argument("--loss-chunk-tokens", type=int, default=run_defaults["loss_chunk_tokens"],
+                   help="tokens per lm_head chunk of the chunked loss (loss_chunk_tokens; the run's default)")
+    t.add_argument("--offload-activations", action="store_true",
+                   help="what autograd keeps outside the checkpointed layers goes to the host (offload_activations)")
     a = p.parse_args(argv)
     try:
         opts = Options(mode=a.mode, seq=a.seq, batch=a.batch, lora_r=a.lora_r, gpus=a.gpus, zero=a.zero,
@@ -395,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         print(render(shape, opts, estimate(shape, opts), str(cfg_path)))
         return 0
     from qwen_sft.trace.cli import trace_estimate
+    from qwen_sft.trace.step import chunked_loss, offloaded
 
+    if a.loss_chunk_tokens < 1:
+        p.error(f"--loss-chunk-tokens must be >= 1, got {a.loss_chunk_tokens}")
+    loss_fn = chunked_loss(a.loss_chunk_tokens) if a.loss == "chunked" else None
+    loss_line = f", chunked loss of {a.loss_chunk_tokens} tokens" if loss_fn else ", full-logits loss"
+    if a.offload_activations:
+        loss_fn, loss_line = offloaded(loss_fn), loss_line + ", offload_activations"
     return trace_estimate(cfg_path, shape, opts, estimate(shape, opts), routing=a.routing, layers=a.layers,
                           checkpointing=not a.no_checkpointing, accumulating=not a.first_micro_step,
-                          gpu_memory=a.gpu_memory)
+                          gpu_memory=a.gpu_memory, loss_fn=loss_fn, loss_line=loss_line)

@@ -10,29 +10,25 @@ Per expert e with routed rows X (n x H), W1 = gate_up [2I, H], W2 = down [H, I],
 
 The low-rank terms go through the r-wide intermediates only, so the dense E x out x in delta-W that
 peft's ``ParamWrapper`` builds is never formed. Base weights are dequantized per chunk of experts that
-received tokens, used, and dropped; backward dequantizes them again instead of saving them, so only the
-routed inputs, the pre-activations h and the r-wide intermediates are kept for backward.
+received tokens, used, and dropped; backward dequantizes them again instead of saving them. Routed rows are
+gathered and scattered a chunk at a time, so only the pre-activations h and the r-wide intermediates are kept
+for backward (``_RoutedExpertsFn``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn import functional as F
 
+from qwen_sft.moe.kernels import Backward, Chunk, Projection, resolve_kernels
 from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
 
 Store = NF4Experts | DenseExperts
-
-
-def _chunks(experts: list[int], counts: list[int], size: int):
-    """Yield (expert ids, their counts, first row) for consecutive groups of at most ``size`` hit experts."""
-    row = 0
-    for i in range(0, len(experts), size):
-        ids, cnt = experts[i:i + size], counts[i:i + size]
-        yield ids, cnt, row
-        row += sum(cnt)
 
 
 def grouped_mm_usable(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
@@ -60,131 +56,91 @@ def token_tiles(num_tokens: int, top_k: int, max_routed_rows: int | None) -> lis
     return [(a, min(a + per_tile, num_tokens)) for a in range(0, num_tokens, per_tile)]
 
 
-class _GroupOps:
-    """Per-group matmuls over rows grouped by expert: one grouped GEMM each, or a loop over experts."""
-
-    def __init__(self, counts: list[int], device: torch.device, grouped: bool) -> None:
-        self.counts, self.grouped = counts, grouped
-        self.offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32) if grouped else None
-        self._gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-    def _loop(self, fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        out, row = [], 0
-        for g, n in enumerate(self.counts):
-            out.append(fn(g, slice(row, row + n), *tensors))
-            row += n
-        return out
-
-    def nt(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x_g @ w_g^T for w [k, out, in] (a linear layer per expert)."""
-        if self.grouped:
-            return self._gmm(x, w.transpose(-2, -1), offs=self.offs)
-        return torch.cat(self._loop(lambda g, r, x, w: x[r] @ w[g].T, x, w))
-
-    def nn(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x_g @ w_g for w [k, K, N] (the input-gradient direction)."""
-        if self.grouped:
-            return self._gmm(x, w, offs=self.offs)
-        return torch.cat(self._loop(lambda g, r, x, w: x[r] @ w[g], x, w))
-
-    def tn(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """a_g^T @ b_g -> [k, a_cols, b_cols] (weight gradients, summed over each expert's rows)."""
-        if self.grouped:
-            # Grouping along the reduction dim needs every group to start on a 16-byte boundary (the reason
-            # MoE trainers pad expert groups): copy each expert's rows to a 16-row-aligned slot, zeros between.
-            counts = torch.tensor(self.counts, device=a.device)
-            padded = (counts + 15) // 16 * 16
-            starts = torch.cumsum(counts, 0) - counts
-            slots = torch.cumsum(padded, 0) - padded
-            dest = torch.arange(a.shape[0], device=a.device) + torch.repeat_interleave(slots - starts, counts)
-            total = int(padded.sum())
-            a_p = a.new_zeros(total, a.shape[1]).index_copy_(0, dest, a)
-            b_p = b.new_zeros(total, b.shape[1]).index_copy_(0, dest, b)
-            offs = torch.cumsum(padded, 0).to(torch.int32)
-            return self._gmm(a_p.T.contiguous(), b_p, offs=offs)
-        return torch.stack(self._loop(lambda g, r, a, b: a[r].T @ b[r], a, b))
-
-
 class _RoutedExpertsFn(torch.autograd.Function):
-    """y = expert_e(x) for rows grouped by expert; LoRA factors are inputs so autograd hands us their grads."""
+    """out[t] = sum over t's routed rows of w_row * expert_e(hidden[t]), chunk by chunk through the engine's
+    kernels (qwen_sft/moe/kernels.py); LoRA factors are inputs so autograd hands us their grads.
+
+    Rows are gathered from ``hidden`` and scattered into ``out`` one chunk at a time, and the routing weight
+    scales the down projection's input (``down(w a) = w down(a)``, LoRA included), so neither the routed inputs
+    nor the routed outputs ([T*K, H] each) are materialised or saved: backward keeps the pre-activations h and
+    the r-wide intermediates, and gathers the rows again from ``hidden`` (held anyway by the caller's graph)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, engine: ExpertEngine, experts: list[int], counts: list[int],
-                a1: torch.Tensor | None, b1: torch.Tensor | None, a2: torch.Tensor | None,
-                b2: torch.Tensor | None) -> torch.Tensor:
-        dtype, lora = x.dtype, a1 is not None
-        s1, s2 = engine.lora_scaling.get("gate_up", 0.0), engine.lora_scaling.get("down", 0.0)
-        grouped = engine.use_grouped_mm(x)
-        ys, hs, t1s, t2s = [], [], [], []
-        sc1, sc2 = engine.gate_up_base.scales(), engine.down_base.scales()
-        for ids, cnt, row in _chunks(experts, counts, engine.chunk_experts):
-            idx = torch.tensor(ids, device=x.device)
-            ops = _GroupOps(cnt, x.device, grouped)
-            w1 = engine.gate_up_base.dequantize(idx, dtype, sc1)
-            w2 = engine.down_base.dequantize(idx, dtype, sc2)
-            xe = x[row:row + sum(cnt)]
-            h = ops.nt(xe, w1)
-            if lora:
-                t1 = ops.nt(xe, a1[idx].to(dtype))
-                h = h + s1 * ops.nt(t1, b1[idx].to(dtype))
-                t1s.append(t1)
-            hs.append(h)
+    def forward(ctx, hidden: torch.Tensor, weights: torch.Tensor, engine: ExpertEngine, token_of: torch.Tensor,
+                experts: list[int], counts: list[int], a1: torch.Tensor | None, b1: torch.Tensor | None,
+                a2: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor:
+        kernels = resolve_kernels(engine.kernels)
+        grouped = engine.use_grouped_mm(hidden)
+        layer = engine.projections(a1, b1, a2, b2)
+        out = torch.zeros_like(hidden)
+        hs, t1s, t2s = [], [], []
+        for chunk, rows in engine.chunks(experts, counts, hidden.dtype, grouped, layer, hidden.device):
+            tokens = token_of[rows]
+            h, t1 = kernels.gate_up_forward(chunk, hidden.index_select(0, tokens))
             gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            y = ops.nt(act, w2)
-            if lora:
-                t2 = ops.nt(act, a2[idx].to(dtype))
-                y = y + s2 * ops.nt(t2, b2[idx].to(dtype))
+            y, t2 = kernels.down_forward(chunk, F.silu(gate) * up * weights[rows].unsqueeze(-1))
+            out.index_add_(0, tokens, y)
+            hs.append(h)
+            if t1 is not None:
+                t1s.append(t1)
+            if t2 is not None:
                 t2s.append(t2)
-            ys.append(y)
-            del w1, w2  # the dequantized chunk lives only while its tokens are computed
         ctx.engine, ctx.experts, ctx.counts, ctx.grouped = engine, experts, counts, grouped
         cat = (lambda t: torch.cat(t) if t else None)  # noqa: E731
-        ctx.save_for_backward(x, cat(hs), cat(t1s), cat(t2s), a1, b1, a2, b2)
-        return torch.cat(ys) if ys else x.new_zeros(0, engine.hidden_dim)
+        ctx.save_for_backward(hidden, weights, token_of, cat(hs), cat(t1s), cat(t2s), a1, b1, a2, b2)
+        return out
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, h_all, t1_all, t2_all, a1, b1, a2, b2 = ctx.saved_tensors
+    def backward(ctx, dout: torch.Tensor):
+        hidden, weights, token_of, h_all, t1_all, t2_all, a1, b1, a2, b2 = ctx.saved_tensors
         engine: ExpertEngine = ctx.engine
-        dtype, lora = x.dtype, a1 is not None
-        s1, s2 = engine.lora_scaling.get("gate_up", 0.0), engine.lora_scaling.get("down", 0.0)
-        dy = dy.to(dtype).contiguous()  # grouped GEMM wants dense rows; autograd may hand an expanded grad
-        dxs = []
-        grads = [torch.zeros_like(p, dtype=torch.float32) if lora else None for p in (a1, b1, a2, b2)]
-        sc1, sc2 = engine.gate_up_base.scales(), engine.down_base.scales()
-        for ids, cnt, row in _chunks(ctx.experts, ctx.counts, engine.chunk_experts):
-            idx = torch.tensor(ids, device=x.device)
-            ops = _GroupOps(cnt, x.device, ctx.grouped)
-            rows = slice(row, row + sum(cnt))
-            # Recompute the dequantized weights rather than having saved them in forward.
-            w1 = engine.gate_up_base.dequantize(idx, dtype, sc1)
-            w2 = engine.down_base.dequantize(idx, dtype, sc2)
-            dye, h = dy[rows], h_all[rows]
-            gate, up = h.chunk(2, dim=-1)
+        kernels = resolve_kernels(engine.kernels)
+        layer = engine.projections(a1, b1, a2, b2)
+        dout = dout.to(hidden.dtype)
+        grads = FactorGrads.zeros(a1, b1, a2, b2)
+        dhidden = torch.zeros_like(hidden)
+        dweights = torch.zeros_like(weights)
+        for chunk, rows in engine.chunks(ctx.experts, ctx.counts, hidden.dtype, ctx.grouped, layer, hidden.device):
+            tokens = token_of[rows]
+            gate, up = h_all[rows].chunk(2, dim=-1)
             sig = torch.sigmoid(gate)
             silu = gate * sig
-            da = ops.nn(dye, w2)
-            if lora:
-                act = silu * up
-                b2e = b2[idx].to(dtype)
-                dyb = ops.nn(dye, b2e)
-                da = da + s2 * ops.nn(dyb, a2[idx].to(dtype))
-                grads[3].index_add_(0, idx, s2 * ops.tn(dye, t2_all[rows]).float())
-                grads[2].index_add_(0, idx, s2 * ops.tn(dyb, act).float())
+            act, w = silu * up, weights[rows].unsqueeze(-1)
+            down = kernels.down_backward(chunk, dout.index_select(0, tokens), act * w,
+                                         t2_all[rows] if t2_all is not None else None)
+            dweights[rows] = (down.input * act).sum(-1, dtype=torch.float32).to(weights.dtype)
+            da = down.input * w
             dgate = da * up * (sig * (1 + gate * (1 - sig)))
-            dh = torch.cat([dgate, da * silu], dim=-1)
-            dx = ops.nn(dh, w1)
-            if lora:
-                dhb = ops.nn(dh, b1[idx].to(dtype))
-                dx = dx + s1 * ops.nn(dhb, a1[idx].to(dtype))
-                grads[1].index_add_(0, idx, s1 * ops.tn(dh, t1_all[rows]).float())
-                grads[0].index_add_(0, idx, s1 * ops.tn(dhb, x[rows]).float())
-            dxs.append(dx)
-            del w1, w2
-        dx = torch.cat(dxs) if dxs else torch.zeros_like(x)
-        grads = [g.to(p.dtype) if g is not None else None for g, p in zip(grads, (a1, b1, a2, b2))]
-        return (dx if ctx.needs_input_grad[0] else None, None, None, None, *grads)
+            gate_up = kernels.gate_up_backward(chunk, torch.cat([dgate, da * silu], dim=-1),
+                                               hidden.index_select(0, tokens),
+                                               t1_all[rows] if t1_all is not None else None)
+            dhidden.index_add_(0, tokens, gate_up.input)
+            grads.add(chunk.experts, gate_up, down)
+        return (dhidden if ctx.needs_input_grad[0] else None, dweights if ctx.needs_input_grad[1] else None,
+                None, None, None, None, *grads.as_inputs(a1, b1, a2, b2))
+
+
+class FactorGrads(NamedTuple):
+    """fp32 gradients of the layer's four LoRA factors, summed chunk by chunk (None without LoRA)."""
+
+    gate_up_A: torch.Tensor | None
+    gate_up_B: torch.Tensor | None
+    down_A: torch.Tensor | None
+    down_B: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, *factors: torch.Tensor | None) -> FactorGrads:
+        return cls(*(torch.zeros_like(p, dtype=torch.float32) if p is not None else None for p in factors))
+
+    def add(self, experts: torch.Tensor, gate_up: Backward, down: Backward) -> None:
+        for total, part in ((self.gate_up_A, gate_up.lora_A), (self.gate_up_B, gate_up.lora_B),
+                            (self.down_A, down.lora_A), (self.down_B, down.lora_B)):
+            if total is not None:
+                total.index_add_(0, experts, part)
+
+    def as_inputs(self, *factors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """In the factors' own dtype, in ``_RoutedExpertsFn.forward``'s argument order (a1, b1, a2, b2)."""
+        return [g.to(p.dtype) if g is not None else None for g, p in zip(self, factors)]
 
 
 class ExpertEngine(nn.Module):
@@ -214,6 +170,24 @@ class ExpertEngine(nn.Module):
         # backward, so one layer holds one tile's intermediates (and no kernel sees >= 2**31 elements: the
         # 30B-A3B's gate_up intermediate reaches that near 175K tokens untiled). None: never tile.
         self.max_routed_rows: int | None = DEFAULT_MAX_ROUTED_ROWS
+        # The per-chunk kernels (qwen_sft/moe/kernels.py) by registered name; None: $QWEN_SFT_EXPERT_KERNELS, else
+        # the torch reference.
+        self.kernels: str | None = None
+
+    def projections(self, a1: torch.Tensor | None, b1: torch.Tensor | None, a2: torch.Tensor | None,
+                    b2: torch.Tensor | None) -> tuple[Projection, Projection]:
+        """gate_up and down as the kernels see them: base, the layer's NF4 scales (undone once per call), LoRA."""
+        return (Projection(self.gate_up_base, self.gate_up_base.scales(), a1, b1, self.lora_scaling.get("gate_up", 0.0)),
+                Projection(self.down_base, self.down_base.scales(), a2, b2, self.lora_scaling.get("down", 0.0)))
+
+    def chunks(self, experts: list[int], counts: list[int], dtype: torch.dtype, grouped: bool,
+               layer: tuple[Projection, Projection], device: torch.device) -> Iterator[tuple[Chunk, slice]]:
+        """Consecutive groups of at most ``chunk_experts`` hit experts, with the slice of their (grouped) rows."""
+        row = 0
+        for i in range(0, len(experts), self.chunk_experts):
+            ids, cnt = experts[i:i + self.chunk_experts], counts[i:i + self.chunk_experts]
+            yield Chunk(torch.tensor(ids, device=device), cnt, dtype, grouped, *layer), slice(row, row + sum(cnt))
+            row += sum(cnt)
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.grouped_mm is False:
@@ -273,17 +247,17 @@ class ExpertEngine(nn.Module):
         hit = torch.nonzero(counts).flatten()
         experts, hit_counts = hit.tolist(), counts[hit].tolist()
         compute_dtype = self.compute_dtype or hidden_states.dtype
-        x = hidden_states.index_select(0, token_of).to(compute_dtype)
+        weights = top_k_weights.reshape(-1)[order].to(compute_dtype)  # each routed row's weight, rows by expert
         lora = (self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B) if self.has_lora \
             else (None, None, None, None)
-        y = _RoutedExpertsFn.apply(x, self, experts, hit_counts, *lora)
-        y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-        out = torch.zeros_like(hidden_states)
-        return out.index_add(0, token_of, y.to(hidden_states.dtype))
+        out = _RoutedExpertsFn.apply(hidden_states.to(compute_dtype), weights, self, token_of, experts, hit_counts,
+                                     *lora)
+        return out.to(hidden_states.dtype)
 
     def storage_bytes(self) -> int:
         return self.gate_up_base.storage_bytes() + self.down_base.storage_bytes()
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, " \
-               f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, chunk_experts={self.chunk_experts}"
+               f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, chunk_experts={self.chunk_experts}, " \
+               f"kernels={resolve_kernels(self.kernels).name}"

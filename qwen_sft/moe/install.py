@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qwen_sft.moe.experts import ExpertEngine
+from qwen_sft.moe.kernels import resolve_kernels
 from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,14 @@ def _find_expert_parents(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def build_engine(gate_up: torch.Tensor, down: torch.Tensor, *, quantize_experts: bool, double_quant: bool,
                  lora: ExpertLoraSpec | None, compute_dtype: torch.dtype, hidden_act: str, blocksize: int,
-                 chunk_experts: int, report: EngineReport, path: str) -> ExpertEngine:
-    """One layer's engine from its fused ``gate_up [E, 2I, H]`` and ``down [E, H, I]``; updates ``report``."""
+                 chunk_experts: int, report: EngineReport, path: str, kernels: str | None = None) -> ExpertEngine:
+    """One layer's engine from its fused ``gate_up [E, 2I, H]`` and ``down [E, H, I]``; updates ``report``.
+    ``kernels``: the registered per-chunk kernels (qwen_sft/moe/kernels.py); None: $QWEN_SFT_EXPERT_KERNELS."""
     stores = [NF4Experts.quantize(w, blocksize=blocksize, double_quant=double_quant) if quantize_experts
               else DenseExperts(w) for w in (gate_up, down)]
     engine = ExpertEngine(*stores, hidden_act=hidden_act, chunk_experts=chunk_experts)
     engine.compute_dtype = compute_dtype
+    engine.kernels = kernels
     if lora is not None:
         engine.add_lora(lora.r, lora.alpha, dtype=lora.dtype, seed=lora.seed + report.layers,
                         gate_up_r=lora.gate_up_r, gate_up_alpha=lora.gate_up_alpha)
@@ -127,12 +130,13 @@ def build_engine(gate_up: torch.Tensor, down: torch.Tensor, *, quantize_experts:
 def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_quant: bool = True,
                           lora: ExpertLoraSpec | None = None, compute_dtype: torch.dtype = torch.bfloat16,
                           device: str | torch.device | None = None, blocksize: int = 64,
-                          chunk_experts: int = 32) -> EngineReport:
+                          chunk_experts: int = 32, kernels: str | None = None) -> EngineReport:
     """Replace every ``mlp.experts`` with an :class:`ExpertEngine`; see the module docstring for the order."""
     config = getattr(model, "config", None)
     hidden_act = getattr(config, "hidden_act", "silu")
     if chunk_experts <= 0:
         raise ValueError(f"chunk_experts must be positive, got {chunk_experts=}")
+    resolve_kernels(kernels)  # an unknown name fails here, before any layer is converted
     blocks = _find_expert_parents(model)  # validates everything before the first layer is touched
     report = EngineReport(quantized=quantize_experts, double_quant=quantize_experts and double_quant)
     for name, block in blocks:
@@ -143,7 +147,7 @@ def install_expert_engine(model: nn.Module, *, quantize_experts: bool, double_qu
         block.experts = build_engine(*weights, quantize_experts=quantize_experts, double_quant=double_quant,
                                      lora=lora, compute_dtype=compute_dtype, hidden_act=hidden_act,
                                      blocksize=blocksize, chunk_experts=chunk_experts, report=report,
-                                     path=f"{name}.experts")
+                                     path=f"{name}.experts", kernels=kernels)
         # Drop the 16-bit originals now so the next layer can reuse their memory.
         old.gate_up_proj = old.down_proj = None
         del old, weights

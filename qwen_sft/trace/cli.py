@@ -44,7 +44,7 @@ def fits_line(measured: Measured, gpu_memory: int) -> tuple[bool, str]:
 
 
 def trace_estimate(cfg_path: Path, shape, opts, formula, *, routing: str, layers: str, checkpointing: bool,
-                   accumulating: bool, gpu_memory: str | None) -> int:
+                   accumulating: bool, gpu_memory: str | None, loss_fn=None, loss_line: str = "") -> int:
     from transformers import AutoConfig
 
     from qwen_sft.train.args import ModelArguments
@@ -63,11 +63,11 @@ def trace_estimate(cfg_path: Path, shape, opts, formula, *, routing: str, layers
                                     expert_engine=opts.expert_lora or opts.mode != "full")
         sharding = Sharding(world=opts.gpus, zero=opts.zero, offload_optimizer=opts.offload,
                             offload_params=opts.offload and opts.zero == 3)
-        plan = StepPlan(seq=opts.seq, batch=opts.batch, accumulating=accumulating, routing=routing)
+        plan = StepPlan(seq=opts.seq, batch=opts.batch, accumulating=accumulating, routing=routing, loss_fn=loss_fn)
         measured = measure(config, model_args, plan, gradient_checkpointing=checkpointing,
                            optim=OPTIM[opts.optim], sharding=sharding, layers=layers,
                            deepspeed_zero3=opts.zero == 3)
-    print(render_measured(measured, shape.name, str(cfg_path), opts_line(opts, checkpointing, accumulating),
+    print(render_measured(measured, shape.name, str(cfg_path), opts_line(opts, checkpointing, accumulating) + loss_line,
                           routing, formula, checkpointing))
     if memory is not None:
         ok, line = fits_line(measured, memory)

@@ -17,7 +17,7 @@ from pathlib import Path
 from qwen_sft.trace import Sharding, StepPlan, measure
 from qwen_sft.trace.cli import fits_line, parse_memory, render_measured
 from qwen_sft.trace.report import GiB
-from qwen_sft.trace.step import chunked_loss
+from qwen_sft.trace.step import chunked_loss, offloaded
 
 
 class RehearsalError(RuntimeError):
@@ -57,6 +57,12 @@ def gpu_memory_bytes(requested: str | None) -> tuple[int | None, str]:
     return None, "no --gpu_memory and no visible GPU"
 
 
+def _run_loss(r):
+    """The run's loss as the trainer computes it: chunked or the model's own, offloaded with offload_activations."""
+    loss = chunked_loss(r.loss_chunk_tokens) if r.chunked_loss else None
+    return offloaded(loss) if r.offload_activations else loss
+
+
 def rehearse(config, model_config, train_dataset) -> dict:
     """Trace the configured step; see the module docstring. Returns the figures for the dry run's result."""
     from qwen_sft.train.model import log
@@ -77,8 +83,9 @@ def rehearse(config, model_config, train_dataset) -> dict:
     sharding = sharding_of(t)
     plan = StepPlan(seq=max(lens), batch=len(lens), packing=d.packing, sample_lengths=tuple(lens),
                     accumulating=t.gradient_accumulation_steps > 1,
-                    loss_fn=chunked_loss(r.loss_chunk_tokens) if r.chunked_loss else None)
+                    loss_fn=_run_loss(r))
     loss = f"chunked loss, {r.loss_chunk_tokens} tokens a chunk" if r.chunked_loss else "full logits (chunked_loss false)"
+    loss += ", offload_activations" if r.offload_activations else ""
     if sharding.zero:
         notes.append("DeepSpeed replaces the Trainer's optimizer by its own (fp32 master weights); the trace "
                      "uses torch's AdamW for the traced rows and DeepSpeed's partitioning for the computed ones")

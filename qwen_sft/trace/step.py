@@ -71,6 +71,32 @@ def chunked_loss(chunk_tokens: int):
     return loss_fn
 
 
+@contextlib.contextmanager
+def offload_to_host():
+    """``torch.autograd.graph.save_on_cpu`` (``offload_activations``) for a trace: saved tensors leave the traced
+    device for "meta" (the tracker counts them as host bytes) and come back as a fresh tensor in backward."""
+    def pack(t):
+        return t.device, t.to("meta")
+
+    def unpack(packed):
+        device, t = packed
+        return torch.empty_like(t, device=device)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def offloaded(loss_fn=None):
+    """The step's loss (``None``: transformers') with the forward under :func:`offload_to_host`, as
+    ``SFTTrainer.compute_loss`` runs it with ``offload_activations`` on."""
+    def fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        with offload_to_host():
+            return model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+
+    fn.chunk_tokens = getattr(loss_fn, "chunk_tokens", None)
+    return fn
+
+
 @dataclass
 class StepResult:
     peak_bytes: int
