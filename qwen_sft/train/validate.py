@@ -212,6 +212,23 @@ def _conflicts(v: Mapping[str, object]) -> list[str]:
     return out
 
 
+def _global_batch_problems(given: Mapping[str, object], v: Mapping[str, object]) -> list[str]:
+    """global_batch_size = processes x per_device_train_batch_size x gradient_accumulation_steps, exactly."""
+    from qwen_sft.train.args import world_size
+
+    if not v.get("global_batch_size"):
+        return []
+    if "gradient_accumulation_steps" in given:
+        return [f"global_batch_size={v['global_batch_size']} sets gradient_accumulation_steps; "
+                f"gradient_accumulation_steps={v['gradient_accumulation_steps']} was given too: give one"]
+    per_step = world_size() * v["per_device_train_batch_size"]
+    if v["global_batch_size"] % per_step:
+        return [f"global_batch_size={v['global_batch_size']} is not a multiple of {world_size()} processes x "
+                f"per_device_train_batch_size={v['per_device_train_batch_size']} (= {per_step}): change GLOBAL_BATCH "
+                f"or MICRO_BATCH"]
+    return []
+
+
 def _deepspeed_stage(v: Mapping[str, object], problems: list[str]) -> int | None:
     ds = v["deepspeed"]
     if not ds:
@@ -322,11 +339,29 @@ def find_problems(values: Mapping[str, object], io: bool = True) -> list[str]:
     what the values themselves say (types, ranges, conflicts), reading no file."""
     typed, problems = coerce(values)
     v = with_defaults(typed)  # an option whose type check failed is listed above and checked at its default
-    problems += _range_problems(v) + _conflicts(v)
+    problems += _range_problems(v) + _conflicts(v) + _global_batch_problems(typed, v)
     if io:
         problems += _data_problems(v)
         _model_problems(v, problems)
     return problems
+
+
+def lora_checkpointing_default(config) -> bool:
+    """LoRA/QLoRA turn gradient checkpointing on unless either of its names was set (run.py applies it)."""
+    return bool(config.model.use_peft) and not {"gradient_checkpointing", "activation_checkpointing"} & set(
+        config.origins)
+
+
+def _run_problems(config) -> list[str]:
+    """The long-sequence options against the rest, with the checkpointing the run will have."""
+    import types as _types
+
+    from qwen_sft.train.args import long_sequence_conflicts
+
+    t = config.training
+    checkpointing = bool(getattr(t, "activation_checkpointing", False) or getattr(t, "gradient_checkpointing", False))
+    effective = _types.SimpleNamespace(activation_checkpointing=checkpointing or lora_checkpointing_default(config))
+    return long_sequence_conflicts(config.data, config.run, effective)
 
 
 def validate(config) -> dict:
@@ -341,7 +376,7 @@ def validate(config) -> dict:
     recipe = {**dataclasses.asdict(config.model), **dataclasses.asdict(config.data), **dataclasses.asdict(config.run)}
     typed, problems = coerce(recipe)
     v = {**with_defaults({}), **training, **typed}
-    problems += _range_problems(v) + _conflicts(v) + _data_problems(v)
+    problems += _range_problems(v) + _conflicts(v) + _data_problems(v) + _run_problems(config)
     info = _model_problems(v, problems)
     if problems:
         raise ConfigError(problems)
