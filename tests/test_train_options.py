@@ -155,3 +155,34 @@ def test_script_environment_overrides_the_recipe(tmp_path, monkeypatch):
     assert qcfg.data.data_path == "./processed/sft_train.jsonl"  # the recipe's, as the seed's default
     assert qcfg.training_values["output_dir"] == "../../checkpoints/qwen3_30b_qlora"
     assert qcfg.training_values["report_to"] == ["wandb", "tensorboard"]
+
+
+# --- LoRA settings are TrainConfig fields; the seed's configs/lora/adapter_config.json stays the default -----------
+
+
+def test_lora_fields_default_to_the_seed_adapter_config_and_override_it():
+    import json
+
+    from qwen_sft.train.args import ModelArguments, lora_config
+
+    seed = json.loads((REPO / "configs/lora/adapter_config.json").read_text())
+    assert lora_config(ModelArguments(peft_config_path=str(REPO / "configs/lora"))) == seed
+    config = parse_flags(["--use_peft", "true", "--peft_config_path", str(REPO / "configs/lora"), "--lora_r", "4",
+                          "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"])
+    assert lora_config(config.model) == {**seed, "r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(ConfigError) as err:
+        parse_flags(["--lora_r", "0", "--lora_dropout", "1.5"])
+    assert "lora_r must be >= 1, got 0" in str(err.value) and "lora_dropout must be in [0, 1), got 1.5" in str(err.value)
+
+
+def test_lora_fields_reach_the_model(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from qwen_sft.train.args import ModelArguments
+    from qwen_sft.train.model import apply_lora, load_model
+
+    args = ModelArguments(model_name_or_path=str(tiny_model_dir), torch_dtype="float32", use_peft=True,
+                          peft_config_path=str(REPO / "configs/lora"), lora_r=4, lora_target_modules=["q_proj"])
+    model, _ = apply_lora(load_model(args, AutoConfig.from_pretrained(tiny_model_dir)), args, False)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_A" in n}
+    assert shapes and all(".q_proj." in n and s[0] == 4 for n, s in shapes.items())

@@ -41,6 +41,17 @@ class ModelArguments:
                           "the file itself: r, lora_alpha, lora_dropout and target_modules. Expert names "
                           "(gate_proj/up_proj/down_proj) are mapped onto the fused expert parameters."},
     )
+    # --- LoRA: peft_config_path is read first (the seed's configs/lora/adapter_config.json), these fields override it
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default: r of peft_config_path). Fused "
+                                                                "gate_up_proj experts get 2r (docs/moe.md)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: lora_alpha of "
+                                                                      "peft_config_path)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "LoRA dropout (default: lora_dropout of "
+                                                                        "peft_config_path)."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA target module names (default: target_modules of peft_config_path); "
+                                        "gate_proj/up_proj/down_proj reach the fused experts."}
+    )
     use_qlora: bool = field(
         default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes) and train LoRA on it. "
                                          "Implies --use_peft."}
@@ -114,6 +125,23 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         _reject_conflicts(self)
+
+
+LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+               "lora_target_modules": "target_modules"}  # our field → adapter_config.json key
+
+
+def lora_config(model_args: object) -> dict:
+    """The LoRA settings a run trains with: ``peft_config_path``'s adapter_config.json with the ``lora_*`` fields
+    on top (ModelArguments, or a dict of option values). Raises OSError/ValueError for a missing or bad file."""
+    from qwen_sft.train.model import read_lora_config
+
+    get = model_args.get if isinstance(model_args, dict) else lambda k: getattr(model_args, k)
+    cfg = dict(read_lora_config(get("peft_config_path")))
+    for ours, key in LORA_FIELDS.items():
+        if get(ours) is not None:
+            cfg[key] = list(get(ours)) if ours == "lora_target_modules" else get(ours)
+    return cfg
 
 
 def _reject_conflicts(args: object) -> None:

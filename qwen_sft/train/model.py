@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_sft.train.args import ModelArguments
+from qwen_sft.train.args import ModelArguments, lora_config
 
 EXPERT_PARAMS = {"gate_up_proj", "down_proj"}
 # Seed adapter names of the per-expert Linear layers (transformers v4) → the fused v5 parameter.
@@ -100,7 +100,7 @@ def expert_lora_spec(model_args: ModelArguments):
     """The engine's expert rank/alpha from the adapter config (gate_up_proj at 2r / 2·alpha, see lora_settings)."""
     from qwen_sft.moe import ExpertLoraSpec
 
-    cfg = read_lora_config(model_args.peft_config_path)
+    cfg = lora_config(model_args)
     targets = cfg.get("target_modules")
     if isinstance(targets, list) and not cfg.get("target_parameters") \
             and not any(t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS for t in targets):
@@ -271,7 +271,7 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
     when the expert engine is installed (load_model), its own expert factors (peft never touches experts)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = read_lora_config(model_args.peft_config_path)
+    cfg = lora_config(model_args)  # adapter_config.json with the lora_* options on top
     engine = has_expert_engine(model)
     modules, params = lora_targets(model, list(cfg.get("target_modules") or []))
     params = sorted(set(params) | set(cfg.get("target_parameters") or []))

@@ -16,7 +16,7 @@ from qwen_sft.atomic import atomic_open
 from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import is_secret, redact_line
 from qwen_sft.train import download
-from qwen_sft.train.args import TrainConfig, describe
+from qwen_sft.train.args import LORA_FIELDS, TrainConfig, describe, lora_config
 from qwen_sft.train.data import DataStats, load_tokenized
 from qwen_sft.train.model import (
     apply_lora,
@@ -103,7 +103,11 @@ def effective_config(config: TrainConfig) -> dict:
     training = {k: v for k, v in config.training.to_dict().items() if defaults.get(k) != v and not k.startswith("_")}
     if config.run.global_batch_size:  # derived from the processes of this run: recomputed when read back
         training.pop("gradient_accumulation_steps", None)
-    values = {**asdict(config.model), **asdict(config.data), **asdict(config.run), **training}
+    model = asdict(config.model)
+    if config.model.use_peft:  # the LoRA settings as trained (adapter config + lora_* options), for merge to read
+        lora = lora_config(config.model)
+        model.update({ours: lora.get(key) for ours, key in LORA_FIELDS.items()})
+    values = {**model, **asdict(config.data), **asdict(config.run), **training}
     return {k: v for k, v in values.items() if not is_secret(k, v)}
 
 

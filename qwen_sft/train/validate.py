@@ -195,6 +195,12 @@ def _range_problems(v: Mapping[str, object]) -> list[str]:
         out.append(f"num_train_epochs={v['num_train_epochs']} and max_steps={v['max_steps']}: nothing to train")
     if v["model_max_length"] < 2:
         out.append(f"model_max_length must be >= 2, got {v['model_max_length']}")
+    if v["lora_r"] is not None and v["lora_r"] < 1:
+        out.append(f"lora_r must be >= 1, got {v['lora_r']}")
+    if v["lora_alpha"] is not None and v["lora_alpha"] <= 0:
+        out.append(f"lora_alpha must be > 0, got {v['lora_alpha']}")
+    if v["lora_dropout"] is not None and not 0 <= v["lora_dropout"] < 1:
+        out.append(f"lora_dropout must be in [0, 1), got {v['lora_dropout']}")
     if v["router_aux_loss_coef"] is not None and v["router_aux_loss_coef"] < 0:
         out.append(f"router_aux_loss_coef must be >= 0, got {v['router_aux_loss_coef']}")
     return out
@@ -286,8 +292,8 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     """Model config, weights present, engine constraints and LoRA targets. Returns what later steps need."""
     from transformers import AutoConfig
 
+    from qwen_sft.train.args import lora_config
     from qwen_sft.train.download import download_command, is_hub_id, locate_model
-    from qwen_sft.train.model import read_lora_config
 
     found = locate_model(v["model_name_or_path"], v["cache_dir"])
     warning = None
@@ -300,7 +306,7 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     lora = None
     if v["use_peft"] or v["use_qlora"]:
         try:
-            lora = read_lora_config(v["peft_config_path"])
+            lora = lora_config(v)
         except (OSError, ValueError) as exc:
             problems.append(str(exc))
     stage = _deepspeed_stage(v, problems)
