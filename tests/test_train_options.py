@@ -186,3 +186,17 @@ def test_lora_fields_reach_the_model(tiny_model_dir):
     model, _ = apply_lora(load_model(args, AutoConfig.from_pretrained(tiny_model_dir)), args, False)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "lora_A" in n}
     assert shapes and all(".q_proj." in n and s[0] == 4 for n, s in shapes.items())
+
+
+def test_train_options_are_declared_once_and_their_help_is_the_field_help():
+    from transformers import TrainingArguments
+
+    from qwen_sft.train.args import DataArguments, ModelArguments, RunArguments, _parser
+
+    names = [f.name for cls in (ModelArguments, DataArguments, RunArguments, TrainingArguments)
+             for f in dataclasses.fields(cls) if f.init]
+    assert len(names) == len(set(names)) and "config" not in names  # --config is train.py's own
+    text = " ".join(_parser().format_help().split())
+    for cls in (ModelArguments, DataArguments, RunArguments):
+        for f in dataclasses.fields(cls):
+            assert " ".join(f.metadata["help"].split()) in text, f.name
