@@ -296,8 +296,11 @@ def world_size() -> int:
 
 
 def accumulation_steps(values: dict[str, object]) -> int:
-    per_step = world_size() * int(values.get("per_device_train_batch_size", 8))
-    return int(values["global_batch_size"]) // per_step
+    """global_batch_size / (processes x per_device_train_batch_size); validate checks that it divides."""
+    from qwen_sft.train.validate import with_defaults
+
+    v = with_defaults(values)
+    return int(v["global_batch_size"]) // (world_size() * int(v["per_device_train_batch_size"]))
 
 
 def training_arguments(values: dict[str, object]):
