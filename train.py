@@ -4,7 +4,7 @@
         --data_path processed/sft_train.jsonl --output_dir checkpoints/qlora --use_qlora true \
         --peft_config_path configs/lora --bf16 true
 
-    python train.py --config configs/train/lora_qwen3_30b.yaml --data_path d.jsonl --output_dir out
+    python train.py --config configs/train/lora_zero2_qwen3_30b.yaml --data_path d.jsonl --output_dir out
 
 Accepts every transformers ``TrainingArguments`` flag plus the recipe's own (``python train.py --help``);
 ``--config RECIPE.yaml`` reads a recipe of configs/train/ first, the flags override it (what the seed scripts do).

@@ -88,10 +88,10 @@ SCRIPTS = {  # script → (recipe, positional arguments, the keys the script may
     "qlora_qwen3_30b.sh": ("qlora_qwen3_30b.yaml", ["d.jsonl", "out", "run1"],
                            {"model_name_or_path", "cache_dir", "data_path", "output_dir", "run_name",
                             "model_max_length", "per_device_train_batch_size", "gradient_accumulation_steps"}),
-    "sft_qwencoder_with_lora.sh": ("lora_qwen3_30b.yaml", ["d.jsonl", "m", "out"],
+    "sft_qwencoder_with_lora.sh": ("lora_zero2_qwen3_30b.yaml", ["d.jsonl", "m", "out"],
                                    {"model_name_or_path", "cache_dir", "data_path", "output_dir", "model_max_length",
                                     "global_batch_size", "per_device_train_batch_size", "deepspeed"}),
-    "sft_qwencoder.sh": ("full_qwen3_30b.yaml", ["d.jsonl", "m", "out"],
+    "sft_qwencoder.sh": ("full_zero3_qwen3_30b.yaml", ["d.jsonl", "m", "out"],
                          {"model_name_or_path", "cache_dir", "data_path", "output_dir", "model_max_length",
                           "global_batch_size", "per_device_train_batch_size", "deepspeed"}),
 }

@@ -1,6 +1,6 @@
 """The seed scripts' environment variables, defaulted from their recipe (configs/train/*.yaml).
 
-    eval "$(python -m qwen_sft.train.recipe configs/train/lora_qwen3_30b.yaml MICRO_BATCH=per_device_train_batch_size)"
+    eval "$(python -m qwen_sft.train.recipe configs/train/lora_zero2_qwen3_30b.yaml MICRO_BATCH=per_device_train_batch_size)"
 
 prints ``NAME='value'`` for every ``NAME=key`` whose variable is not set in the environment, so that a variable
 the user sets wins and the default is written only in the recipe. Reads YAML only (no torch): the scripts call
