@@ -60,6 +60,7 @@ def build(work: Path, layers: int, hidden: int, experts: int, inter: int, shard:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeForCausalLM
 
+    from qwen_sft.model.checkpoint import INDEX_FILE
     from qwen_sft.model.tiny import TinySpec, tiny_config
     from qwen_sft.tokenizer import offline_tokenizer_dir
 
@@ -81,7 +82,7 @@ def build(work: Path, layers: int, hidden: int, experts: int, inter: int, shard:
                 p.normal_(0.0, 0.02)
     adapter = work / "adapter"
     peft_model.save_pretrained(adapter)
-    total = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    total = json.loads((base / INDEX_FILE).read_text())["metadata"]["total_size"]
     return base, adapter, total
 
 
@@ -95,11 +96,13 @@ def child(code: str, *args: str) -> dict:
 def max_diff(a: Path, b: Path) -> float:
     from safetensors import safe_open
 
+    from qwen_sft.model.checkpoint import read_index
+
     worst = 0.0
     for shard in sorted(a.glob("*.safetensors")):
         with safe_open(shard, "pt") as fa:
             for key in fa.keys():
-                index = json.loads((b / "model.safetensors.index.json").read_text())["weight_map"]
+                index = read_index(b)
                 with safe_open(b / index[key], "pt") as fb:
                     worst = max(worst, float((fa.get_tensor(key).float() - fb.get_tensor(key).float()).abs().max()))
     return worst

@@ -27,13 +27,14 @@ def _variant(args) -> dict:
     import torch
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    from qwen_sft.samples import IGNORE_INDEX
     from qwen_sft.train.loss import chunked_lm_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
     hidden = torch.randn(1, args.tokens, args.hidden, requires_grad=True)
     labels = torch.randint(0, args.vocab, (1, args.tokens))
-    labels[torch.rand(1, args.tokens) >= args.supervised] = -100
+    labels[torch.rand(1, args.tokens) >= args.supervised] = IGNORE_INDEX
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(args.repeats):

@@ -70,6 +70,8 @@ def seed_style(src: Path, dst: Path, tok) -> tuple[int, list[list[int]]]:
     Headers are tokenized apart from the content, so a content that starts with a newline gets other ids
     than the template gives; user turns' end tokens are trained on. Returns (tokens, ids of the first 2000).
     """
+    from qwen_sft.samples import IGNORE_INDEX, INPUT_IDS, LABEL
+
     cache: dict[str, list[int]] = {}
 
     def fixed(text: str) -> list[int]:
@@ -88,13 +90,13 @@ def seed_style(src: Path, dst: Path, tok) -> tuple[int, list[list[int]]]:
                 head, body, end = fixed(f"<|im_start|>{m['role']}\n"), tok(m["content"]).input_ids, fixed("<|im_end|>\n")
                 ids += head + body + end
                 if m["role"] == "assistant":
-                    labels += [-100] * len(head) + body + end
+                    labels += [IGNORE_INDEX] * len(head) + body + end
                 else:
-                    labels += [-100] * (len(head) + len(body)) + (end if m["role"] == "user" else [-100] * len(end))
+                    labels += [IGNORE_INDEX] * (len(head) + len(body)) + (end if m["role"] == "user" else [IGNORE_INDEX] * len(end))
             tokens += len(ids)
             if len(first) < 2000:
                 first.append(ids)
-            fout.write(json.dumps({"input_ids": ids, "label": labels}) + "\n")
+            fout.write(json.dumps({INPUT_IDS: ids, LABEL: labels}) + "\n")
     return tokens, first
 
 
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         rss_child(Path(args.rss_child[0]), int(args.rss_child[1]))
         return 0
+    from qwen_sft.samples.files import iter_samples
     from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-    from qwen_sft.tokenize.writers import iter_samples
     from qwen_sft.tokenizer import load_tokenizer
 
     tok = load_tokenizer("offline")

@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     from transformers import AutoConfig
 
+    from qwen_sft.model.load import load_causal_lm
     from qwen_sft.model.tiny import make_tiny_model
-    from qwen_sft.train.args import ModelArguments
+    from qwen_sft.samples import IGNORE_INDEX
     from qwen_sft.train.collate import make_collator
     from qwen_sft.train.data import load_tokenized
-    from qwen_sft.train.model import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -91,11 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         order = list(range(len(ds)))
         random.Random(a.seed).shuffle(order)
         samples = [[ds[i] for i in order[s * a.batch:(s + 1) * a.batch]] for s in range(a.steps + 1)]
-        supervised = [sum(sum(1 for x in f["labels"][1:] if x != -100) for f in b) for b in samples]
+        supervised = [sum(sum(1 for x in f["labels"][1:] if x != IGNORE_INDEX) for f in b) for b in samples]
         results = {}
         for name, packing in (("padding", False), ("packing", True)):
-            model = load_model(ModelArguments(model_name_or_path=str(model_dir), torch_dtype="float32"),
-                               AutoConfig.from_pretrained(model_dir))
+            model = load_causal_lm(str(model_dir), AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
             model.train()
             collate = make_collator(packing, 151643)
             results[name] = measure(model, [collate(b) for b in samples], supervised)

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
+from qwen_sft.model.checkpoint import SINGLE_FILE, shard_files
 
 MARKER = "qwen_sft_complete.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -172,10 +173,10 @@ def checkpoint_problems(directory: str | os.PathLike) -> list[str]:
     if (directory / ADAPTER_CONFIG).exists() or (directory / ADAPTER_WEIGHTS).exists():
         return problems + adapter_problems(directory, marker_required=True)
     problems += _marker_problems(directory, required=True)
-    index = _json(directory / "model.safetensors.index.json")
-    shards = sorted(set(index["weight_map"].values())) if isinstance(index, dict) and "weight_map" in index else []
-    if not shards and (directory / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
+    try:
+        shards = shard_files(directory)
+    except ValueError:  # an unreadable index: what the single file (if any) holds is all there is
+        shards = [SINGLE_FILE] if (directory / SINGLE_FILE).is_file() else []
     if not shards:
         problems.append("no adapter_model.safetensors, model.safetensors or model.safetensors.index.json")
     for shard in shards:

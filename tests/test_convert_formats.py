@@ -10,12 +10,11 @@ from collections import Counter
 
 import pytest
 
+from qwen_sft.conversation import RecordError, build_record
 from qwen_sft.data.cli import main
 from qwen_sft.data.convert import convert_inputs
-from qwen_sft.data.messages import BadRecord
 from qwen_sft.data.options import ConvertOptions, FieldMap
 from qwen_sft.data.shapes import to_messages
-from qwen_sft.data.validate import build_record
 
 
 def convert(rec: dict, unread: list | None = None, **opts) -> dict:
@@ -26,8 +25,8 @@ def convert(rec: dict, unread: list | None = None, **opts) -> dict:
     return build_record(messages, tools, options.system, notes)
 
 
-def rejected(rec: dict) -> BadRecord:
-    with pytest.raises(BadRecord) as err:
+def rejected(rec: dict) -> RecordError:
+    with pytest.raises(RecordError) as err:
         convert(rec)
     return err.value
 

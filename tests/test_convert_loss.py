@@ -15,11 +15,10 @@ from collections import Counter
 import orjson
 import pytest
 
+from qwen_sft.conversation import RecordError, build_record
 from qwen_sft.data.cli import main
-from qwen_sft.data.messages import BadRecord
 from qwen_sft.data.options import ConvertOptions
 from qwen_sft.data.shapes import to_messages
-from qwen_sft.data.validate import build_record
 from qwen_sft.tokenize.sample import SampleTokenizer
 
 IM_END = 151645
@@ -40,7 +39,7 @@ def convert(rec: dict, **opts) -> dict:
 
 
 def reason(rec: dict) -> str:
-    with pytest.raises(BadRecord) as err:
+    with pytest.raises(RecordError) as err:
         convert(rec)
     return err.value.reason
 
@@ -133,7 +132,7 @@ def test_trailing_turn_with_train_true_is_kept():
     (sharegpt({"train_detail": [{"begin_offset": 0, "end_offset": 4, "train": True}]}, {}), "train_detail_unsupported"),
     (parts([{"train": False}, {"train": True}], {}), "mixed_part_loss"),
     (parts([{"train": False}, {}], {}), "mixed_part_loss"),  # the unflagged part follows the policy: trained
-    (openai({"loss": False}, {"train": False}), "nothing_supervised"),
+    (openai({"loss": False}, {"train": False}), "no_supervised_tokens"),
 ])
 def test_controls_that_cannot_be_honoured_are_rejected(rec, expected):
     assert reason(rec) == expected

@@ -9,10 +9,9 @@ from collections import Counter
 
 import pytest
 
-from qwen_sft.data.messages import BadRecord
+from qwen_sft.conversation import RecordError, build_record
 from qwen_sft.data.options import ConvertOptions, FieldMap
 from qwen_sft.data.shapes import to_messages
-from qwen_sft.data.validate import build_record
 
 
 def convert(rec: dict, notes: Counter | None = None, **opts) -> dict:
@@ -23,7 +22,7 @@ def convert(rec: dict, notes: Counter | None = None, **opts) -> dict:
 
 
 def reason(rec: dict, **opts) -> str:
-    with pytest.raises(BadRecord) as err:
+    with pytest.raises(RecordError) as err:
         convert(rec, **opts)
     return err.value.reason
 
@@ -157,7 +156,7 @@ def test_non_function_tools_dropped_with_a_note():
     ({"messages": [U, {"role": "assistant", "content": "  "}]}, "empty_assistant"),
     ({"messages": [U, {"role": "assistant", "content": None}]}, "empty_assistant"),
     ({"messages": [{"role": "user", "content": ""}, A]}, "empty_content"),
-    ({"messages": [U]}, "no_assistant_turn"),
+    ({"messages": [U]}, "no_supervised_tokens"),
     ({"messages": []}, "no_messages"),
     ({"messages": [{"role": "robot", "content": "x"}, A]}, "unknown_role"),
     ({"messages": [{"role": ["user"], "content": "x"}, A]}, "unknown_role"),

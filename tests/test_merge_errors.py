@@ -165,7 +165,7 @@ def test_entry_point_script(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-2:] == [
-        f"merge: error: --base_model_path {tmp_path / 'b'}: no such directory",
+        f"merge: error: --base_model_path {tmp_path / 'b'}: no such model directory (and not a Hub id owner/name)",
         f"adapter directory {tmp_path / 'a'} does not exist"]
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
@@ -183,7 +183,8 @@ def test_qwen_sft_merge_verb_is_the_same_command(capsys):
 def test_hub_id_not_in_cache_is_a_clear_error(adapter_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = fails(capsys, Path("no-such-org/no-such-model"), adapter_dir, tmp_path / "out")
-    assert "--base_model_path no-such-org/no-such-model: not a local directory and not available from the Hub" in err
+    assert ("--base_model_path no-such-org/no-such-model: not downloaded in the cache " in err
+            and "HF_HUB_OFFLINE=1 forbids downloading; download it first: hf download no-such-org/no-such-model" in err)
 
 
 def test_trained_on_another_path_is_a_note_not_an_error(base_dir, adapter_dir, tmp_path, capsys):

@@ -13,9 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from qwen_sft.conversation import normalize_record
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.render import normalize_record
-from qwen_sft.tokenize.writers import iter_samples
 from qwen_sft.tokenizer import TEMPLATE_PATH
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "template_fidelity.json").read_text(encoding="utf-8"))
@@ -56,7 +56,7 @@ def test_fixture_is_what_the_released_tokenizer_gives(spec_tok):
 
 
 def test_convert_then_offline_tokenize_keeps_empty_system_and_tool_returns(tmp_path):
-    """Both validators (convert's and the tokenizer's) keep what the template renders: an empty system
+    """Convert and tokenize (one validate_conversation) keep what the template renders: an empty system
     message, a tool's ``return`` schema. The converted file tokenizes to the released ids."""
     from qwen_sft.data import cli
 

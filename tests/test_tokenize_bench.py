@@ -9,8 +9,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.writers import iter_samples
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "tokenize.py"
 

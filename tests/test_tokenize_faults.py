@@ -65,7 +65,7 @@ def test_a_record_that_breaks_tokenizing_is_only_its_own_reject(tmp_path):
                                         {"messages": [U, A]}])
     s = run(src, tmp_path / "out.jsonl", max_len=256)
     assert (s["records_read"], s["samples"]) == (3, 2) and rejects(tmp_path / "out.jsonl") == [
-        (1, "bad_tool_arguments")]
+        (1, "nested_too_deep")]
     # the integer past 64 bits is rendered with its exact digits (orjson alone would make it 1e+30)
     from qwen_sft.tokenizer import load_tokenizer
 
@@ -234,7 +234,7 @@ def test_convert_and_tokenize_decide_alike_on_bom_nan_and_null_content(tmp_path,
 
 
 def test_disk_full_and_empty_data_are_one_line_errors(tmp_path, monkeypatch, capsys):
-    from qwen_sft.tokenize import writers
+    from qwen_sft.samples import files as writers
     from qwen_sft.tokenize.cli import main as tokenize_main
 
     (tmp_path / "empty.jsonl").write_text("\n")

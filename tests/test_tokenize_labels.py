@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_sft.tokenize.render import RecordError, normalize_record
+from qwen_sft.conversation import RecordError, normalize_record
 from qwen_sft.tokenize.sample import Overlong, SampleTokenizer
 
 IM_START, IM_END, NL = 151644, 151645, 198
@@ -217,15 +217,15 @@ def test_truncation_inside_a_turn_and_before_a_half_call(tok):
 
 def test_bad_records_have_reasons(tok):
     st = tokenizer_for(tok)
-    cases = {
-        "no_messages": {"messages": []},
-        "bad_role": {"messages": [msg("bot", "x")]},
-        "bad_content": {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
-        "bad_tool_arguments": {"messages": [msg("user", "x"), msg("assistant", "", tool_calls=[call("f", "print(1)")])]},
-        "bad_loss_flag": {"messages": [msg("user", "x"), msg("assistant", "y", loss="yes")]},
-        "not_an_object": ["messages"],
-    }
-    for reason, rec in cases.items():
+    cases = [
+        ("no_messages", {"messages": []}),
+        ("unknown_role", {"messages": [msg("bot", "x")]}),
+        ("wrong_type", {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}),
+        ("arguments_not_object", {"messages": [msg("user", "x"), msg("assistant", "", tool_calls=[call("f", "print(1)")])]}),
+        ("wrong_type", {"messages": [msg("user", "x"), msg("assistant", "y", loss="yes")]}),
+        ("not_an_object", ["messages"]),
+    ]
+    for reason, rec in cases:
         with pytest.raises(RecordError) as err:
             st.tokenize(rec)
         assert err.value.reason == reason, (reason, err.value)
@@ -236,7 +236,7 @@ def _lost(st: SampleTokenizer, content: str) -> str:
     import numpy as np
 
     from qwen_sft.tokenize.labels import token_starts
-    from qwen_sft.tokenize.render import parse_turns
+    from qwen_sft.tokenize.turns import parse_turns
 
     record = {"messages": [msg("user", "q"), msg("assistant", content)]}
     sample = st.tokenize(record)

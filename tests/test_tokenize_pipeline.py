@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from qwen_sft import cli
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize import pipeline
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.writers import iter_samples
 from qwen_sft.tokenizer import TokenizerLoadError
 
 IM_END = 151645

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from qwen_sft.conversation import normalize_record
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
-from qwen_sft.tokenize.render import normalize_record
-from qwen_sft.tokenize.writers import iter_samples
 
 IM_START, IM_END, ASSISTANT = 151644, 151645, 77091
 convert_cli = pytest.importorskip("qwen_sft.data.cli")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from qwen_sft.conversation import RecordError, normalize_record
 from qwen_sft.tokenize.encoder import Encoder
-from qwen_sft.tokenize.render import RecordError, Renderer, normalize_record
+from qwen_sft.tokenize.render import Renderer
 from qwen_sft.tokenize.sample import SampleTokenizer
 
 IM_START, IM_END = 151644, 151645
@@ -73,7 +74,7 @@ def test_tools_given_as_json_string_are_parsed(offline_tok):
               "messages": [{"role": "user", "content": "x"}]}
     _, tools = normalize_record(record, ())
     assert tools == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    with pytest.raises(RecordError, match="bad_tools"):
+    with pytest.raises(RecordError, match="invalid_json_field"):
         normalize_record({**record, "tools": "[oops"}, ())
     _, tools = normalize_record({**record, "tools": "[]"}, ())
     assert tools is None  # an empty tool list renders no tools block, like no tools at all

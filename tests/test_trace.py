@@ -111,6 +111,56 @@ def test_layer_fit_equals_full_trace():
     assert extrapolate_static(a.static, 2, b.static, 4, 9) == full.static
 
 
+NEXT_ADAPTER = str(REPO / "configs/lora/qwen3_next_adapter_config.json")
+
+
+def _tiny_next(layers: int):
+    return tiny_config(TinySpec(model_type="qwen3_next", layers=layers, hidden=64, experts=8, active=2,
+                                moe_intermediate=32, full_attention_interval=4))
+
+
+def test_layer_fit_counts_whole_blocks():
+    """The fit traces whole repeats of the layer pattern: 2 and 4 layers of a uniform model, 4 and 8 of the
+    3:1 DeltaNet/attention hybrid (a 2-layer prefix of it has no full-attention layer at all)."""
+    from qwen_sft.trace.fit import fit_layers, layer_period
+
+    assert layer_period(_tiny(9)) == 1 and fit_layers(_tiny(9)) == (2, 4) and fit_layers(_tiny(4)) is None
+    nxt = _tiny_next(16)
+    assert nxt.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    assert layer_period(nxt) == 4 and fit_layers(nxt) == (4, 8)
+    real = json.loads((REPO / "configs/models/qwen3-coder-next.json").read_text())
+    from transformers import Qwen3NextConfig
+
+    real = Qwen3NextConfig(**{k: v for k, v in real.items() if not k.startswith("_")})
+    assert layer_period(real) == 4 and fit_layers(real) == (4, 8)
+    odd = _tiny_next(16)
+    odd.layer_types[13] = "full_attention"  # breaks the pattern: no block repeats to the whole model
+    assert layer_period(odd) is None and fit_layers(odd) is None
+    sparse = _tiny(8)
+    sparse.mlp_only_layers = [0]  # a dense first layer: not periodic either
+    assert layer_period(sparse) is None
+
+
+@pytest.mark.slow  # ~3 min on a shared 2-core machine: 28 layers traced
+def test_layer_fit_equals_full_trace_hybrid():
+    """Qwen3-Coder-Next's layout (three Gated DeltaNet layers, then gated attention, shared expert): the fit of
+    4 and 8 layers equals the trace of all 16, row for row, with LoRA on attention, DeltaNet, shared and
+    routed experts."""
+    args = ModelArguments(model_name_or_path="unused", use_peft=True, use_qlora=True, peft_config_path=NEXT_ADAPTER)
+    plan = StepPlan(seq=64)
+    fit = measure(_tiny_next(16), args, plan, gradient_checkpointing=True, layers="fit")
+    full = measure(_tiny_next(16), args, plan, gradient_checkpointing=True, layers="all")
+    assert fit.traced_layers.startswith("4 and 8 of 16 layers traced (whole blocks of 4 layers)")
+    assert full.traced_layers == "all 16 layers"
+    assert fit.report.peak == full.report.peak
+    assert fit.trainable == full.trainable > 0
+    rows = {r.name: r.bytes for r in full.report.rows}
+    assert rows["weights: Gated DeltaNet (in_proj_qkvz/ba, out_proj)"] > 0 and rows["weights: shared expert"] > 0
+    for r in fit.report.rows:
+        assert abs(r.bytes - rows[r.name]) <= 1024, r.name
+    assert fit.report.flops == pytest.approx(full.report.flops, rel=1e-3)  # 16-row padding follows routing
+
+
 def test_zero3_with_the_engine_fails_in_the_trace():
     with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3"):
         trace(_tiny(), model_args(False), plan=StepPlan(seq=32), gradient_checkpointing=True, deepspeed_zero3=True)

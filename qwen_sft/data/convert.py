@@ -27,11 +27,11 @@ import orjson
 from tqdm import tqdm
 
 from qwen_sft.atomic import atomic_group, atomic_open
-from qwen_sft.data.messages import BadRecord
+from qwen_sft.conversation.chatml import build_record
+from qwen_sft.conversation.errors import RecordError
 from qwen_sft.data.options import ConvertOptions
 from qwen_sft.data.readers import read_records
 from qwen_sft.data.shapes import to_messages
-from qwen_sft.data.validate import build_record
 
 PROGRESS_EVERY = 1024  # records between progress-bar updates; tqdm per record would cost more than converting
 
@@ -55,7 +55,7 @@ class FileStats:
         return sum(self.rejected.values())
 
 
-def reject_line(path: Path, kind: str, pos: int, err: BadRecord, raw: object) -> bytes:
+def reject_line(path: Path, kind: str, pos: int, err: RecordError, raw: object) -> bytes:
     row = {"file": _printable(str(path)), kind: pos, "reason": err.reason, "detail": _printable(err.detail),
            "record": raw}
     try:
@@ -73,14 +73,14 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _dump_error(exc: TypeError) -> BadRecord:
+def _dump_error(exc: TypeError) -> RecordError:
     """Why orjson could not write a converted record, as a stable reason."""
     text = str(exc)
     if "Integer exceeds" in text:
-        return BadRecord("integer_out_of_range", f"an integer does not fit in 64 bits ({text})")
+        return RecordError("integer_out_of_range", f"an integer does not fit in 64 bits ({text})")
     if "ecursion" in text:
-        return BadRecord("nested_too_deep", text)
-    return BadRecord("unserializable", text)
+        return RecordError("nested_too_deep", text)
+    return RecordError("unserializable", text)
 
 
 def convert_file(
@@ -100,10 +100,10 @@ def convert_file(
             try:
                 messages, tools = to_messages(value, notes, opts, unread)
                 record = build_record(messages, tools, system, notes)
-            except BadRecord as bad:
+            except RecordError as bad:
                 err = bad
             except Exception as exc:  # noqa: BLE001 - one record's surprise must not end the run: it is a reject
-                err = BadRecord("unexpected_error", f"{type(exc).__name__}: {exc}")
+                err = RecordError("unexpected_error", f"{type(exc).__name__}: {exc}")
             else:
                 try:
                     line = dumps(record) + b"\n"

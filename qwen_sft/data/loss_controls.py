@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_sft.data.messages import BadRecord, preview, type_name
+from qwen_sft.conversation.errors import RecordError, preview, type_name
 
 # Keys of a message (or content part) that this module reads; the unread-key count leaves them out.
 LOSS_KEYS = frozenset(("loss", "train", "weight", "loss_weight", "metadata", "train_detail"))
@@ -28,7 +28,7 @@ def _weight(value: Any, key: str) -> bool:
         return value
     if isinstance(value, int | float) and value in (0, 1):
         return value == 1
-    raise BadRecord("unsupported_loss_weight", f"{key}={preview(value)}: only 0 (not trained) and 1 (trained) are "
+    raise RecordError("unsupported_loss_weight", f"{key}={preview(value)}: only 0 (not trained) and 1 (trained) are "
                     "supported; a weighted loss is not implemented, so the record is not trained with a guessed weight")
 
 
@@ -40,11 +40,11 @@ def loss_flag(m: dict) -> bool | None:
     found: dict[str, bool] = {}
     if m.get("loss") is not None:
         if not isinstance(m["loss"], bool):
-            raise BadRecord("wrong_type", f"loss is {type_name(m['loss'])}, expected true/false")
+            raise RecordError("wrong_type", f"loss is {type_name(m['loss'])}, expected true/false")
         found["loss"] = m["loss"]
     if m.get("train") is not None:
         if not isinstance(m["train"], bool):
-            raise BadRecord("wrong_type", f"train is {type_name(m['train'])}, expected true/false")
+            raise RecordError("wrong_type", f"train is {type_name(m['train'])}, expected true/false")
         found["train"] = m["train"]
     for key in ("weight", "loss_weight"):
         if m.get(key) is not None:
@@ -52,14 +52,14 @@ def loss_flag(m: dict) -> bool | None:
     meta = m.get("metadata")
     if isinstance(meta, dict) and meta.get("masked") is not None:
         if not isinstance(meta["masked"], bool):
-            raise BadRecord("wrong_type", f"metadata.masked is {type_name(meta['masked'])}, expected true/false")
+            raise RecordError("wrong_type", f"metadata.masked is {type_name(meta['masked'])}, expected true/false")
         found["metadata.masked"] = not meta["masked"]
     if m.get("train_detail"):
-        raise BadRecord("train_detail_unsupported", "train_detail (character spans) is not supported: the loss mask "
+        raise RecordError("train_detail_unsupported", "train_detail (character spans) is not supported: the loss mask "
                         "covers whole turns; split the message into turns or use train: true/false on it")
     if len(set(found.values())) > 1:
         said = ", ".join(f"{k}={'trained' if v else 'not trained'}" for k, v in found.items())
-        raise BadRecord("conflicting_loss_flags", f"loss controls disagree: {said}")
+        raise RecordError("conflicting_loss_flags", f"loss controls disagree: {said}")
     return next(iter(found.values()), None)
 
 
@@ -71,6 +71,6 @@ def combine_part_flags(message_flag: bool | None, part_flags: list[bool | None])
     effective = {message_flag if f is None else f for f in part_flags} or {message_flag}
     if len(effective) > 1:
         said = ", ".join("policy" if f is None else ("trained" if f else "not trained") for f in part_flags)
-        raise BadRecord("mixed_part_loss", f"content parts disagree on training ({said}); the loss mask covers "
+        raise RecordError("mixed_part_loss", f"content parts disagree on training ({said}); the loss mask covers "
                         "whole turns: split the message or give every part the same train flag")
     return effective.pop()

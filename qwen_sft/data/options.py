@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qwen_sft.cli_options import LEGACY_GROUP, option
-from qwen_sft.data.messages import ReasoningPolicy
+from qwen_sft.data.parts import ReasoningPolicy
 
 DEFAULT_OUTPUT = "./processed/sft_train.jsonl"
 

@@ -2,7 +2,7 @@
 
 Formats: ``.jsonl``; ``.json`` / ``.traj`` (an array, one object, or JSON Lines under that name); ``.parquet``;
 ``.csv`` / ``.tsv``; and ``.gz`` of every text format. A record that cannot be read (invalid JSON, invalid UTF-8,
-not an object) is yielded as a ``BadRecord`` so the caller counts and rejects it; a file that breaks mid-way
+not an object) is yielded as a ``RecordError`` so the caller counts and rejects it; a file that breaks mid-way
 (truncated gzip) yields one ``unreadable_file`` reject at the position where it broke.
 
 Memory: JSONL, CSV and Parquet stream (one line, row or 1024-row batch at a time). A ``.json`` file is read
@@ -24,14 +24,14 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from qwen_sft.conversation.errors import RecordError, type_name
 from qwen_sft.data.exactjson import loads as exact_loads
 from qwen_sft.data.exactjson import needs_exact
-from qwen_sft.data.messages import BadRecord, type_name
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".traj": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
 BOM = b"\xef\xbb\xbf"
 # (position, record or None, error or None, the raw record for the rejects file when it did not parse)
-Item = tuple[int, Any, BadRecord | None, Any]
+Item = tuple[int, Any, RecordError | None, Any]
 
 
 def file_format(path: Path) -> str | None:
@@ -105,7 +105,7 @@ def _raw(line: bytes) -> str:
     return line.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
 
 
-def parse_line(line: bytes) -> tuple[Any, BadRecord | None]:
+def parse_line(line: bytes) -> tuple[Any, RecordError | None]:
     """One JSON value, exactly (exactjson: integers past 64 bits stay integers), or the reason it is not one."""
     try:
         return exact_loads(line), None
@@ -113,15 +113,15 @@ def parse_line(line: bytes) -> tuple[Any, BadRecord | None]:
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as uerr:
-            return None, BadRecord("invalid_utf8", f"byte {uerr.start}: {uerr.reason}")
-        return None, BadRecord("invalid_json", str(err))
+            return None, RecordError("invalid_utf8", f"byte {uerr.start}: {uerr.reason}")
+        return None, RecordError("invalid_json", str(err))
 
 
-def _as_item(pos: int, value: Any, err: BadRecord | None, raw: bytes) -> Item:
+def _as_item(pos: int, value: Any, err: RecordError | None, raw: bytes) -> Item:
     if err is not None:
         return pos, None, err, _raw(raw)
     if not isinstance(value, dict):
-        return pos, value, BadRecord("not_an_object", f"a record must be a JSON object, found {type_name(value)}"), None
+        return pos, value, RecordError("not_an_object", f"a record must be a JSON object, found {type_name(value)}"), None
     return pos, value, None, None
 
 
@@ -170,7 +170,7 @@ def _csv_rows(reader: csv.DictReader) -> Iterator[Item]:
     for row in reader:
         pos, start = start, reader.line_num + 1
         if None in row:
-            yield pos, row, BadRecord("csv_extra_fields", f"{len(row[None])} more fields than the header"), None
+            yield pos, row, RecordError("csv_extra_fields", f"{len(row[None])} more fields than the header"), None
             continue
         try:
             for v in (*row, *row.values()):  # the header's names too: a bad byte there spoils every row
@@ -179,7 +179,7 @@ def _csv_rows(reader: csv.DictReader) -> Iterator[Item]:
         except UnicodeEncodeError as uerr:
             raw = {_visible(k): _visible(v) for k, v in row.items()}
             where = "the header" if v in row else "a cell"
-            yield pos, None, BadRecord("invalid_utf8", f"{where}, character {uerr.start}: {uerr.reason}"), raw
+            yield pos, None, RecordError("invalid_utf8", f"{where}, character {uerr.start}: {uerr.reason}"), raw
             continue
         yield pos, row, None, None
 
@@ -217,7 +217,7 @@ def _parquet_rows_one_by_one(batch: Any, first: int) -> Iterator[Item]:
                 bad.append(f"column {name!r}: {type(err).__name__}: {err}")
                 row[name] = None
         if bad:
-            yield first + i, None, BadRecord("invalid_utf8", "; ".join(bad)), {k: v for k, v in row.items()
+            yield first + i, None, RecordError("invalid_utf8", "; ".join(bad)), {k: v for k, v in row.items()
                                                                                 if v is not None}
         else:
             yield first + i, row, None, None
@@ -236,7 +236,7 @@ def read_records(path: Path, counts: dict[str, int]) -> tuple[str, Iterator[Item
             with _open(path) as fh:
                 data = fh.read()
         except (OSError, EOFError, zlib.error) as err:
-            return "index", iter([(0, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None)])
+            return "index", iter([(0, None, RecordError("unreadable_file", f"{type(err).__name__}: {err}"), None)])
         kind, items = read_json(data, counts)
         return kind, items
     return "line", _guard(_read_jsonl_file(path, counts), 1)
@@ -255,4 +255,4 @@ def _guard(items: Iterator[Item], first: int) -> Iterator[Item]:
             nxt = item[0] + 1
             yield item
     except Exception as err:  # noqa: BLE001 - whatever a reader raises, the file is unreadable from here on
-        yield nxt, None, BadRecord("unreadable_file", f"{type(err).__name__}: {err}"), None
+        yield nxt, None, RecordError("unreadable_file", f"{type(err).__name__}: {err}"), None

@@ -21,19 +21,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from qwen_sft.conversation.errors import RecordError, preview, type_name
+from qwen_sft.conversation.tools import calls_from_value, maybe_json, normalize_tools
+from qwen_sft.conversation.types import ROLES
 from qwen_sft.data.loss_controls import LOSS_KEYS, combine_part_flags, loss_flag
-from qwen_sft.data.messages import (
-    ROLES,
-    BadRecord,
-    calls_from_value,
-    content_from_parts,
-    maybe_json,
-    normalize_tools,
-    preview,
-    type_name,
-)
 from qwen_sft.data.non_sft import NON_SFT_KEYS, reject_non_sft
 from qwen_sft.data.options import ConvertOptions, FieldMap
+from qwen_sft.data.parts import content_from_parts
 
 Converted = tuple[list[dict], list[dict]]  # (messages, tools)
 PAIRS = (("input", "output"), ("question", "answer"), ("prompt", "completion"), ("prompt", "response"),
@@ -69,7 +63,7 @@ def count_unread(obj: dict, read: frozenset[str], prefix: str, unread: list[str]
 def _text(rec: dict, key: str) -> str:
     value = rec.get(key)
     if not isinstance(value, str):
-        raise BadRecord("wrong_type", f"{key!r} is {type_name(value)}, expected a string")
+        raise RecordError("wrong_type", f"{key!r} is {type_name(value)}, expected a string")
     return value
 
 
@@ -81,12 +75,12 @@ def from_messages(rec: dict, key: str, notes: Counter, opts: ConvertOptions, unr
     """
     raw = maybe_json(rec[key], key)
     if not isinstance(raw, list):
-        raise BadRecord("wrong_type", f"{key!r} is {type_name(raw)}, expected a list of messages")
+        raise RecordError("wrong_type", f"{key!r} is {type_name(raw)}, expected a list of messages")
     messages: list[dict] = []
     prefix = f"{key}[]."
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise BadRecord("wrong_type", f"message {i} is {type_name(m)}, expected an object")
+            raise RecordError("wrong_type", f"message {i} is {type_name(m)}, expected an object")
         role, content = m.get("role"), m.get("content")
         if len(m) == 2 and isinstance(content, str) and role in PLAIN_ROLES:
             messages.append({"role": role, "content": content})  # the common case, nothing else to read
@@ -104,13 +98,13 @@ def _swift_tool_call(i: int, m: dict, messages: list[dict], notes: Counter, opts
     try:
         calls = calls_from_value(m.get("content"), notes, opts.wrap_raw_arguments)
         flag = loss_flag(m)
-    except BadRecord as err:
-        raise BadRecord(err.reason, f"message {i} (tool_call): {err.detail}") from None
+    except RecordError as err:
+        raise RecordError(err.reason, f"message {i} (tool_call): {err.detail}") from None
     prev = messages[-1] if messages else None
     if prev is not None and prev["role"] == "assistant":
         # ms-swift renders an assistant text and the calls after it as one turn: one message here too
         if prev.get("loss") != flag:
-            raise BadRecord("mixed_loss_in_turn", f"message {i} (tool_call) and the assistant message before it "
+            raise RecordError("mixed_loss_in_turn", f"message {i} (tool_call) and the assistant message before it "
                             "form one turn but disagree on training")
         prev.setdefault("tool_calls", []).extend(calls)
         return
@@ -125,7 +119,7 @@ def _message(
 ) -> dict:
     if role not in ROLES:
         known = ", ".join(ROLES + SWIFT_ROLES)
-        raise BadRecord("unknown_role", f"message {i} has role {preview(role)}; known roles: {known}")
+        raise RecordError("unknown_role", f"message {i} has role {preview(role)}; known roles: {known}")
     calls: list[dict] = []
     try:
         flag = None if LOSS_KEYS.isdisjoint(m) else loss_flag(m)
@@ -138,16 +132,16 @@ def _message(
         elif content is None:
             content = ""  # content: null is how OpenAI writes a pure tool call; validation rejects it elsewhere
         elif not isinstance(content, str):
-            raise BadRecord("wrong_type", f"content is {type_name(content)}")
+            raise RecordError("wrong_type", f"content is {type_name(content)}")
         raw_calls = maybe_json(m.get("tool_calls"), "tool_calls")
         if raw_calls:
             if not isinstance(raw_calls, list):
-                raise BadRecord("wrong_type", f"tool_calls is {type_name(raw_calls)}, expected a list")
+                raise RecordError("wrong_type", f"tool_calls is {type_name(raw_calls)}, expected a list")
             calls += calls_from_value(raw_calls, notes, opts.wrap_raw_arguments)
         if m.get("function_call"):  # the pre-tools OpenAI field
             calls += calls_from_value(m["function_call"], notes, opts.wrap_raw_arguments)
-    except BadRecord as err:
-        raise BadRecord(err.reason, f"message {i} ({role}): {err.detail}") from None
+    except RecordError as err:
+        raise RecordError(err.reason, f"message {i} ({role}): {err.detail}") from None
     msg: dict[str, Any] = {"role": role, "content": content}
     if calls:
         msg["tool_calls"] = calls
@@ -168,31 +162,31 @@ def from_sharegpt(
     """ShareGPT ``conversations`` of ``{from, value}``; ``function_call`` turns become assistant tool calls."""
     turns = maybe_json(rec[key], key)
     if not isinstance(turns, list):
-        raise BadRecord("wrong_type", f"{key!r} is {type_name(turns)}, expected a list of turns")
+        raise RecordError("wrong_type", f"{key!r} is {type_name(turns)}, expected a list of turns")
     messages: list[dict] = []
     prefix = f"{key}[]."
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise BadRecord("wrong_type", f"turn {i} is {type_name(turn)}, expected an object")
+            raise RecordError("wrong_type", f"turn {i} is {type_name(turn)}, expected an object")
         flag = None
         if len(turn) > 2:  # from/value alone: nothing else to read
             count_unread(turn, TURN_KEYS, prefix, unread)
             if not LOSS_KEYS.isdisjoint(turn):
                 try:
                     flag = loss_flag(turn)
-                except BadRecord as err:
-                    raise BadRecord(err.reason, f"turn {i}: {err.detail}") from None
+                except RecordError as err:
+                    raise RecordError(err.reason, f"turn {i}: {err.detail}") from None
         source, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
         role = SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
         if role is None:
-            raise BadRecord("unknown_role", f"turn {i} has from={preview(source)}; known: {', '.join(SHAREGPT_ROLES)}")
+            raise RecordError("unknown_role", f"turn {i} has from={preview(source)}; known: {', '.join(SHAREGPT_ROLES)}")
         if not isinstance(value, str):
-            raise BadRecord("wrong_type", f"turn {i} ({source}): value is {type_name(value)}, expected a string")
+            raise RecordError("wrong_type", f"turn {i} ({source}): value is {type_name(value)}, expected a string")
         if role == "function_call":
             try:
                 calls = calls_from_value(value, notes, opts.wrap_raw_arguments)
-            except BadRecord as err:
-                raise BadRecord(err.reason, f"turn {i} (function_call): {err.detail}") from None
+            except RecordError as err:
+                raise RecordError(err.reason, f"turn {i} (function_call): {err.detail}") from None
             msg = {"role": "assistant", "content": "", "tool_calls": calls}
         else:
             msg = {"role": role, "content": value}
@@ -201,7 +195,7 @@ def from_sharegpt(
         messages.append(msg)
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
-        raise BadRecord("wrong_type", f"'system' is {type_name(system)}, expected a string")
+        raise RecordError("wrong_type", f"'system' is {type_name(system)}, expected a string")
     if system and system.strip() and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})  # a system turn inside the conversation wins
     return messages, normalize_tools(rec.get("tools"), notes)
@@ -212,15 +206,15 @@ def _system_and_history(rec: dict) -> list[dict]:
     messages: list[dict] = []
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
-        raise BadRecord("wrong_type", f"'system' is {type_name(system)}, expected a string")
+        raise RecordError("wrong_type", f"'system' is {type_name(system)}, expected a string")
     if system and system.strip():
         messages.append({"role": "system", "content": system})
     history = maybe_json(rec.get("history"), "history") or []
     if not isinstance(history, list):
-        raise BadRecord("wrong_type", f"'history' is {type_name(history)}, expected [[user, assistant], ...]")
+        raise RecordError("wrong_type", f"'history' is {type_name(history)}, expected [[user, assistant], ...]")
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise BadRecord("wrong_type", f"history[{i}] is not a [user, assistant] pair of strings")
+            raise RecordError("wrong_type", f"history[{i}] is not a [user, assistant] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return messages
 
@@ -230,7 +224,7 @@ def from_alpaca(rec: dict, answer_key: str, notes: Counter, opts: ConvertOptions
     user = _text(rec, "instruction")
     extra = rec.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise BadRecord("wrong_type", f"'input' is {type_name(extra)}, expected a string")
+        raise RecordError("wrong_type", f"'input' is {type_name(extra)}, expected a string")
     if extra and not extra.isspace():
         user = f"{user}\n\n{extra}"
     messages = _system_and_history(rec) if "system" in rec or "history" in rec else []
@@ -243,7 +237,7 @@ def from_self_instruct(rec: dict, notes: Counter, opts: ConvertOptions) -> Conve
     instances = rec.get("instances")
     if not isinstance(instances, list) or len(instances) != 1 or not isinstance(instances[0], dict):
         count = len(instances) if isinstance(instances, list) else type_name(instances)
-        raise BadRecord("instances_not_one", f"'instances' holds {count} entries; expected exactly one "
+        raise RecordError("instances_not_one", f"'instances' holds {count} entries; expected exactly one "
                         "(use --map user=instruction --map user=instances.N.input --map assistant=instances.N.output)")
     inst = instances[0]
     return from_alpaca({"instruction": rec.get("instruction"), "input": inst.get("input"),
@@ -267,7 +261,7 @@ def resolve(rec: Any, path: tuple[str, ...]) -> Any:
         elif isinstance(node, list) and step.isdigit() and int(step) < len(node):
             node = node[int(step)]
         else:
-            raise BadRecord("map_field_missing", f"--map path {'.'.join(path)!r} not found (stopped at {step!r})")
+            raise RecordError("map_field_missing", f"--map path {'.'.join(path)!r} not found (stopped at {step!r})")
     return node
 
 
@@ -288,7 +282,7 @@ def from_field_map(
             value = resolve(rec, path)
             if not isinstance(value, str):
                 where = f"--map {target}={'.'.join(path)}"
-                raise BadRecord("wrong_type", f"{where} is {type_name(value)}, expected a string")
+                raise RecordError("wrong_type", f"{where} is {type_name(value)}, expected a string")
             if value and not value.isspace():  # an empty piece adds nothing, like Alpaca's empty input
                 pieces.append(value)
         texts[target] = "\n\n".join(pieces)
@@ -334,4 +328,4 @@ def to_messages(rec: dict, notes: Counter, opts: ConvertOptions, unread: list[st
         count_unread(rec, READ_HISTORY, "", unread)
         return from_messages(rec, "history", notes, opts, unread)
     keys = ", ".join(sorted(map(str, rec))[:12]) or "none"
-    raise BadRecord("unknown_shape", f"no known shape for keys [{keys}]; pass --map user=PATH --map assistant=PATH")
+    raise RecordError("unknown_shape", f"no known shape for keys [{keys}]; pass --map user=PATH --map assistant=PATH")

@@ -33,6 +33,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from qwen_sft.merge.adapter import MergeError
+from qwen_sft.model.checkpoint import expert_key
 
 ARCH = "qwen3moe"
 TYPES = ("bf16", "q8_0", "f32")
@@ -81,7 +82,31 @@ class OutTensor:
     nbytes: int = 0
 
 
+def _qwen3_next_reason() -> str:
+    """Why a qwen3_next (Qwen3-Coder-Next) checkpoint is refused: what exists downstream, and what is missing here."""
+    try:
+        import gguf
+
+        known = any(a.name == "QWEN3NEXT" for a in gguf.MODEL_ARCH)
+    except ImportError:
+        known = False
+    where = ("the installed gguf package and llama.cpp (the make check-gguf wheel) do define a qwen3next "
+             "architecture" if known else "the installed gguf package has no qwen3next architecture")
+    return (f"model_type='qwen3_next' (Qwen3-Coder-Next) is not exported: {where}, but export-gguf writes "
+            f"qwen3moe only; it has no mapping yet for qwen3next's Gated DeltaNet tensors (in_proj_qkvz/ba, conv1d, "
+            f"A_log, dt_bias, gated norm, out_proj -> ssm_*), the gated attention's doubled q_proj and the shared "
+            f"expert with its sigmoid gate (ffn_*_shexp), and no such file has been checked against llama.cpp's "
+            f"logits. Serve the merged checkpoint with transformers or vLLM, or convert it with llama.cpp's own "
+            f"convert_hf_to_gguf.py (not verified by this project)")
+
+
 def _config_problems(cfg: dict) -> list[str]:
+    if cfg.get("model_type") == "qwen3_next":
+        # One reason, not the qwen3moe checks below (a shared expert is this model's, not a mistake)
+        problems = [_qwen3_next_reason()]
+        if cfg.get("quantization_config"):
+            problems.append("the checkpoint is quantized; export the merged 16-bit model")
+        return problems
     problems = []
     if cfg.get("model_type") != "qwen3_moe":
         problems.append(f"model_type={cfg.get('model_type')!r}: export-gguf writes qwen3_moe (llama.cpp qwen3moe) only")
@@ -130,7 +155,7 @@ def plan_tensors(info: dict[str, tuple[tuple[int, ...], str]], cfg: dict) -> tup
             else:
                 problems.append(f"{hf} is missing")
         for proj, tail in EXPERT_NAMES.items():
-            keys = [f"{pre}mlp.experts.{e}.{proj}.weight" for e in range(n_exp)]
+            keys = [expert_key(f"{pre}mlp.experts", e, proj) for e in range(n_exp)]
             absent = [k for k in keys if k not in info]
             if absent:
                 fused = any(k.startswith(pre + "mlp.experts.") and k.count(".") == 5 for k in info)

@@ -31,17 +31,23 @@ directory appears atomically.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from qwen_sft.merge.adapter import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, MergeError, read_adapter_config
+from qwen_sft.merge.adapter import CONFIG_FILE, WEIGHTS_FILE, MergeError, read_adapter_config
 from qwen_sft.merge.plan import _scaling
+from qwen_sft.model.checkpoint import (
+    EXPERT_PROJS,
+    expert_module,
+    gate_up_rows,
+    lora_key,
+    peft_to_per_expert,
+    split_lora_key,
+)
+from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as FUSED_PARAMS
 
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-FUSED_PARAMS = ("gate_up_proj", "down_proj")
 # Config keys copied as they are; everything about ranks and targets is rewritten.
 KEEP_CONFIG = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "bias", "fan_in_fan_out",
                "init_lora_weights", "modules_to_save")
@@ -83,13 +89,13 @@ def _group_keys(path: Path, header: dict[str, tuple[tuple[int, ...], str]]) -> l
     found: dict[tuple[str, int], dict[str, str]] = {}
     problems = []
     for key in sorted(header):
-        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+?)((?:\.base_layer)*)\.(lora_A|lora_B)\.weight", key)
-        if not m:
+        parts = split_lora_key(key)
+        if parts is None or parts[3] != "weight":
             problems.append(f"{key}: not a LoRA factor (modules_to_save / embedding LoRA cannot be served as a "
                             "vLLM adapter; merge the adapter instead)")
             continue
-        depth = m.group(2).count(".base_layer")
-        found.setdefault((m.group(1), depth), {})[m.group(3)] = key
+        module, depth, which, _ = parts
+        found.setdefault((module, depth), {})[which] = key
     pairs = []
     for (module, depth), ab in sorted(found.items()):
         if set(ab) != {"lora_A", "lora_B"}:
@@ -189,10 +195,6 @@ def _pad(A: torch.Tensor, B: torch.Tensor, R: int, scale: float | None) -> tuple
     return A2, B2
 
 
-def _key(module: str, which: str) -> str:
-    return f"{PEFT_PREFIX}{module}.{which}.weight"
-
-
 def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportReport:
     """Write the per-expert, uniform-rank adapter for vLLM into ``out_dir`` (atomically); returns what was written."""
     from safetensors import SafetensorError, safe_open
@@ -227,8 +229,8 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
     report = ExportReport(out_dir=out_dir, rank=R, lora_alpha=alpha, scales_folded=fold, num_experts=E)
     for p in linear:
         a_dt, b_dt = torch_dtype[dtype_of[p.a_key]], torch_dtype[dtype_of[p.b_key]]
-        layout += [(_key(p.module, "lora_A"), a_dt, (R, p.a_shape[1])),
-                   (_key(p.module, "lora_B"), b_dt, (p.b_shape[0], R))]
+        layout += [(lora_key(p.module, "lora_A"), a_dt, (R, p.a_shape[1])),
+                   (lora_key(p.module, "lora_B"), b_dt, (p.b_shape[0], R))]
         if p.rank != R:
             report.padded_modules.append(p.module)
     for module, (gu, dn) in fused.items():
@@ -237,10 +239,10 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
         a_dn, b_dn = torch_dtype[dtype_of[dn.a_key]], torch_dtype[dtype_of[dn.b_key]]
         for e in range(E):
             for proj in ("gate_proj", "up_proj"):
-                layout += [(_key(f"{module}.{e}.{proj}", "lora_A"), a_gu, (R, H)),
-                           (_key(f"{module}.{e}.{proj}", "lora_B"), b_gu, (inter, R))]
-            layout += [(_key(f"{module}.{e}.down_proj", "lora_A"), a_dn, (R, inter)),
-                       (_key(f"{module}.{e}.down_proj", "lora_B"), b_dn, (H, R))]
+                layout += [(lora_key(expert_module(module, e, proj), "lora_A"), a_gu, (R, H)),
+                           (lora_key(expert_module(module, e, proj), "lora_B"), b_gu, (inter, R))]
+            layout += [(lora_key(expert_module(module, e, "down_proj"), "lora_A"), a_dn, (R, inter)),
+                       (lora_key(expert_module(module, e, "down_proj"), "lora_B"), b_dn, (H, R))]
         if dn.rank != R:
             report.padded_modules.append(f"{module}.*.down_proj")
     report.linear_pairs, report.expert_layers, report.tensors = len(linear), len(fused), len(layout)
@@ -264,24 +266,21 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
             StreamingSafetensors(tmp / WEIGHTS_FILE, layout) as out:
         for p in linear:
             A, B = _pad(f.get_tensor(p.a_key), f.get_tensor(p.b_key), R, scale(p))
-            out.write(_key(p.module, "lora_A"), A)
-            out.write(_key(p.module, "lora_B"), B)
+            out.write(lora_key(p.module, "lora_A"), A)
+            out.write(lora_key(p.module, "lora_B"), B)
         for module, (gu, dn) in fused.items():
             inter = gu.b_shape[0] // 2
-            # peft's layout (qwen_sft/moe/lora.py): A [E*r, in] expert-major rows; B [out, r*E], column k*E + e.
-            gu_A = f.get_tensor(gu.a_key).reshape(E, gu.rank, -1)
-            gu_B = f.get_tensor(gu.b_key).reshape(gu.b_shape[0], gu.rank, E)
-            dn_A = f.get_tensor(dn.a_key).reshape(E, dn.rank, -1)
-            dn_B = f.get_tensor(dn.b_key).reshape(dn.b_shape[0], dn.rank, E)
+            # peft's layout regrouped per expert (qwen_sft/model/checkpoint.py): A [E, r, in], B [E, out, r].
+            gu_A, gu_B = peft_to_per_expert(f.get_tensor(gu.a_key), f.get_tensor(gu.b_key), E)
+            dn_A, dn_B = peft_to_per_expert(f.get_tensor(dn.a_key), f.get_tensor(dn.b_key), E)
             for e in range(E):
-                Be = gu_B[:, :, e]
-                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):  # fused: gate rows, up rows
-                    A, B = _pad(gu_A[e], Be[rows], R, scale(gu))
-                    out.write(_key(f"{module}.{e}.{proj}", "lora_A"), A)
-                    out.write(_key(f"{module}.{e}.{proj}", "lora_B"), B)
-                A, B = _pad(dn_A[e], dn_B[:, :, e], R, scale(dn))
-                out.write(_key(f"{module}.{e}.down_proj", "lora_A"), A)
-                out.write(_key(f"{module}.{e}.down_proj", "lora_B"), B)
+                for proj, rows in gate_up_rows(inter):
+                    A, B = _pad(gu_A[e], gu_B[e][rows], R, scale(gu))
+                    out.write(lora_key(expert_module(module, e, proj), "lora_A"), A)
+                    out.write(lora_key(expert_module(module, e, proj), "lora_B"), B)
+                A, B = _pad(dn_A[e], dn_B[e], R, scale(dn))
+                out.write(lora_key(expert_module(module, e, "down_proj"), "lora_A"), A)
+                out.write(lora_key(expert_module(module, e, "down_proj"), "lora_B"), B)
             del gu_A, gu_B, dn_A, dn_B
         (tmp / CONFIG_FILE).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "qwen_sft_export.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n",

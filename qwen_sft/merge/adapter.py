@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PEFT_PREFIX = "base_model.model."
+from qwen_sft.model.checkpoint import PEFT_PREFIX, split_lora_key
+
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 # Files a training run saves beside the adapter that describe how it was trained (read for the QLoRA note).
@@ -135,11 +136,8 @@ def split_pairs(path: Path, tensors: dict[str, Any], cfg: dict) -> tuple[list[Lo
             problems.append(f"{key}: not a peft key (expected the prefix {PEFT_PREFIX!r})")
             continue
         name = key[len(PEFT_PREFIX):]
-        for which in ("lora_A", "lora_B"):
-            head, sep, tail = name.partition(f".{which}.")
-            if sep:
-                break
-        if not sep:
+        parts = split_lora_key(key)
+        if parts is None:
             if any(t in name for t in ("lora_embedding", "lora_magnitude", "lora_")):
                 problems.append(f"{key}: unsupported LoRA tensor (embedding LoRA / DoRA cannot be merged here)")
             elif any(name == f"{m}.weight" or name.endswith(f".{m}.weight") for m in to_save):
@@ -150,12 +148,10 @@ def split_pairs(path: Path, tensors: dict[str, Any], cfg: dict) -> tuple[list[Lo
             else:
                 problems.append(f"{key}: neither a LoRA factor nor a modules_to_save tensor ({to_save=})")
             continue
+        head, depth, which, tail = parts
         if tail != "weight":
             problems.append(f"{key}: only LoRA weights are supported (found {tail!r})")
             continue
-        depth = 0
-        while head.endswith(".base_layer"):
-            head, depth = head[: -len(".base_layer")], depth + 1
         factors.setdefault((head, depth), {})[which] = tensors[key]
     pairs = []
     for (module, depth), ab in sorted(factors.items()):

@@ -8,6 +8,8 @@ The base is read from safetensors headers only. Its experts are stored per exper
 ``target_parameters`` LoRA adapts the fused parameters transformers builds at load time
 (``gate_up_proj [E, 2I, H]`` = per expert gate rows then up rows, ``down_proj [E, H, I]``). ``Delta``
 reproduces peft's ``ParamWrapper.get_delta_weight`` for one expert, so the merge never fuses anything.
+Resolving the base, its weight map, the expert key names and peft's factor layout are the checkpoint
+contract's (qwen_sft/model/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qwen_sft.merge.adapter import Adapter, MergeError
-
-# Model types whose fused experts are [E, out, in] with gate_up = cat(gate, up) per expert (peft swaps in/out).
-FUSED_EXPERT_MODEL_TYPES = {"qwen3_moe", "qwen2_moe", "qwen3_next"}
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+from qwen_sft.model.checkpoint import (
+    EXPERT_PROJS,
+    FUSED_EXPERT_MODEL_TYPES,
+    FUSED_EXPERT_PARAMS,
+    SINGLE_FILE,
+    ModelNotFound,
+    count_experts,
+    expert_key,
+    gate_up_rows,
+    peft_to_per_expert,
+    read_index,
+    resolve_model_dir,
+)
 
 
 @dataclass
@@ -63,33 +74,18 @@ class Delta:
 
 
 def expert_factors(A, B, num_experts: int) -> tuple[Any, Any]:
-    """peft ParamWrapper factors regrouped per expert: A [E, r, in], B [E, out, r], fp32 and contiguous.
-
-    peft (in/out swapped, as for Qwen3-MoE) stores A as (E·r, in) viewed as [E, r, in] and B as (out, r·E)
-    viewed as [out, r, E], so ΔW[e] = scaling · B[:, :, e] @ A[e]. The two views interleave experts
-    differently (A expert-major, B rank-major): that is peft's layout (``get_delta_weight``), not a typo.
-    """
-    A3 = A.float().reshape(num_experts, -1, A.shape[-1]).contiguous()
-    B3 = B.float().reshape(B.shape[0], -1, num_experts).permute(2, 0, 1).contiguous()
-    return A3, B3
+    """peft ParamWrapper factors regrouped per expert in fp32: A [E, r, in], B [E, out, r] (the layout is
+    qwen_sft/model/checkpoint.py's ``peft_to_per_expert``)."""
+    return peft_to_per_expert(A.float(), B.float(), num_experts)
 
 
 def resolve_base_path(name_or_path: str) -> Path:
-    """A local directory as is; a Hub id through the local cache (downloading only the safetensors if needed)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
-        raise MergeError(f"--base_model_path {name_or_path}: no such directory")
+    """A local directory as is; a Hub id through the local cache, downloaded when missing and allowed (the
+    checkpoint contract's one policy)."""
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
-    except Exception as err:  # hub errors come in many classes; all mean "not available here"
-        raise MergeError(
-            f"--base_model_path {name_or_path}: not a local directory and not available from the Hub ({err}). "
-            "Download the model first (huggingface-cli download) and pass its directory."
-        ) from err
+        return resolve_model_dir(name_or_path, download=True, where=f"--base_model_path {name_or_path}")
+    except ModelNotFound as err:
+        raise MergeError(str(err)) from err
 
 
 def read_base(path: str | Path) -> BaseCheckpoint:
@@ -104,12 +100,14 @@ def read_base(path: str | Path) -> BaseCheckpoint:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise MergeError(f"{path} is a quantized checkpoint ({method}); merge into the original 16-bit base model")
-    index_path = path / "model.safetensors.index.json"
-    if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    try:
+        weight_map = read_index(path)
+    except ValueError as err:
+        raise MergeError(f"{path}: {err}") from None
+    if weight_map is not None:
         shard_names = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        weight_map, shard_names = {}, ["model.safetensors"]
+    elif (path / SINGLE_FILE).is_file():
+        weight_map, shard_names = {}, [SINGLE_FILE]
     elif any(path.glob("*.bin")):
         raise MergeError(f"{path} has only pickled *.bin weights; convert the base to safetensors first")
     else:
@@ -155,19 +153,17 @@ def _plan_experts(adapter: Adapter, base: BaseCheckpoint, pair, plan: dict[str, 
     if base.config.get("model_type") not in FUSED_EXPERT_MODEL_TYPES:
         return [f"{module}: fused expert LoRA is only understood for {sorted(FUSED_EXPERT_MODEL_TYPES)}, "
                 f"the base is {base.config.get('model_type')!r}"]
-    E = 0
-    while f"{module}.{E}.gate_proj.weight" in base.info:
-        E += 1
+    E = count_experts(module, base.info)
     # transformers 5 writes num_local_experts, the released config num_experts; either must agree with the files.
     declared = base.config.get("num_experts", base.config.get("num_local_experts", E))
-    if declared != E or any(f"{module}.{e}.{p}.weight" not in base.info for e in range(E) for p in ("up_proj", "down_proj")):
+    if declared != E or any(expert_key(module, e, p) not in base.info for e in range(E) for p in EXPERT_PROJS):
         return [f"{module}: the base checkpoint does not hold all {declared} experts' gate/up/down weights here"]
-    inter, H = base.info[f"{module}.0.gate_proj.weight"][0]
+    inter, H = base.info[expert_key(module, 0, "gate_proj")][0]
     if A.shape[0] % E:
         return [f"{module}: lora_A has {A.shape[0]} rows, not a multiple of num_experts={E} (wrong base?)"]
     if A.shape[1] == H and B.shape[0] == 2 * inter:
         param = "gate_up_proj"
-        parts = [("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))]  # fused order: gate rows, then up rows
+        parts = gate_up_rows(inter)
     elif A.shape[1] == inter and B.shape[0] == H:
         param, parts = "down_proj", [("down_proj", None)]
     else:
@@ -181,7 +177,7 @@ def _plan_experts(adapter: Adapter, base: BaseCheckpoint, pair, plan: dict[str, 
     A, B = expert_factors(A, B, E)  # once per pair, not once per expert tensor
     for e in range(E):
         for proj, rows in parts:
-            key = f"{module}.{e}.{proj}.weight"
+            key = expert_key(module, e, proj)
             if key in plan:
                 problems.append(f"{key}: adapted twice ({plan[key].source} and {module})")
             plan[key] = Delta("expert", f"{module}.{param}", A, B, scaling, e, E, rows)
@@ -205,9 +201,9 @@ def plan_merge(adapter: Adapter, base: BaseCheckpoint) -> dict[str, Delta]:
             if key in plan:
                 problems.append(f"{key}: adapted twice")
             plan[key] = Delta("lora", pair.module, pair.A, pair.B, scaling)
-        elif f"{pair.module}.0.gate_proj.weight" in base.info:
+        elif expert_key(pair.module, 0, "gate_proj") in base.info:
             problems += _plan_experts(adapter, base, pair, plan)
-        elif any(f"{pair.module}.{p}" in base.info for p in EXPERT_PARAMS):
+        elif any(f"{pair.module}.{p}" in base.info for p in FUSED_EXPERT_PARAMS):
             problems.append(f"{pair.module}: the base stores its experts fused; re-save it with transformers >= 5 "
                             "save_pretrained (per-expert keys) and merge again")
         else:

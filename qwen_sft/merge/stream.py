@@ -12,12 +12,12 @@ materializes as one [E, 2I, H] block. Output shards keep the base's file names a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_sft.merge.adapter import MergeError
 from qwen_sft.merge.plan import BaseCheckpoint, Delta
+from qwen_sft.model.checkpoint import write_index
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -91,8 +91,7 @@ def _merge_shards(base: BaseCheckpoint, plan: dict[str, Delta], out_dir: Path, t
         missed = sorted(set(plan) - applied)
         raise MergeError(f"{len(missed)} adapted tensors were never written, e.g. {missed[0]}; merge aborted")
     if base.sharded:
-        index = {"metadata": {"total_size": stats.bytes_written}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        write_index(out_dir, weight_map, stats.bytes_written)
     return stats
 
 

@@ -16,7 +16,6 @@ Peak CPU memory: page cache of the shard being read; no 16-bit copy of the model
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -24,10 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qwen_sft.model.checkpoint import parse_expert_key, resolve_model_dir, weight_map
 from qwen_sft.moe.install import EngineReport, ExpertLoraSpec, build_engine
 
-_PER_EXPERT = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_FUSED = re.compile(r"^(?P<block>.+\.mlp)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # qwen3_next (Qwen3-Coder-Next): the Gated DeltaNet projections and the shared expert are ordinary Linears,
 # 4-bit under QLoRA like attention. Its 1-row shared_expert_gate stays 16-bit, like the router (and like
@@ -42,39 +40,6 @@ def quantized_linear(module_name: str) -> bool:
     if leaf in ATTENTION_LINEARS or leaf in LINEAR_ATTENTION_LINEARS:
         return True
     return leaf in SHARED_EXPERT_LINEARS and parent.endswith(".shared_expert")
-
-
-def resolve_model_dir(name_or_path: str | Path, cache_dir: str | None = None) -> Path:
-    """A local directory as is; a Hub id (``Qwen/Qwen3-Coder-30B-A3B-Instruct``) from the local HF cache, which
-    must hold the weights (a snapshot of config and tokenizer only is refused with the download command)."""
-    from qwen_sft.train.download import cached_snapshot, download_command, is_hub_id, missing_weights
-
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if not is_hub_id(str(name_or_path)):
-        raise FileNotFoundError(f"{name_or_path}: no such model directory")
-    # Loading never downloads: the validation pass (or the README's download step) fills the cache first.
-    snapshot = cached_snapshot(str(name_or_path), cache_dir)
-    why = missing_weights(snapshot) if snapshot else "not downloaded"
-    if why:
-        raise FileNotFoundError(f"{name_or_path}: {why} in the Hugging Face cache; download it first: "
-                                f"{download_command(str(name_or_path), cache_dir)}")
-    return snapshot
-
-
-def _weight_map(model_dir: Path) -> dict[str, Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {k: model_dir / v for k, v in wm.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json); only safetensors checkpoints load")
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return dict.fromkeys(f.keys(), single)
 
 
 class _Shards:
@@ -130,7 +95,8 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
                    cache_dir: str | None = None) -> tuple[nn.Module, EngineReport]:
     """Build the causal LM on ``device`` with every ``mlp.experts`` already an ExpertEngine. See module doc.
 
-    ``model_dir``: a directory or a Hub id already in the local cache. ``config``: a (possibly edited)
+    ``model_dir``: a directory or a Hub id already in the local cache (never downloaded here; see
+    qwen_sft/model/checkpoint.py). ``config``: a (possibly edited)
     transformers config to build with, e.g. with ``use_cache=False``; default: the checkpoint's own.
     """
     from accelerate.utils import set_module_tensor_to_device
@@ -141,7 +107,7 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
     num_experts = int(getattr(config, "num_experts", 0) or 0)
     if not num_experts:
         raise ValueError(f"{model_dir}: config has no routed experts (num_experts); load it with from_pretrained")
-    wmap = _weight_map(model_dir)  # validated before any allocation
+    wmap = weight_map(model_dir)  # validated before any allocation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, attn_implementation=attn_implementation)
     expert_parts: dict[str, dict] = defaultdict(dict)
@@ -151,10 +117,9 @@ def load_moe_model(model_dir: str | Path, *, device: str | torch.device, compute
     # What from_pretrained drops too, e.g. qwen3_next's multi-token-prediction head (``mtp.*``), unused in SFT.
     ignored = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     for key, path in wmap.items():
-        if m := _PER_EXPERT.match(key):
-            expert_parts[m["block"]][(int(m["e"]), m["proj"])] = (path, key)
-        elif m := _FUSED.match(key):
-            expert_parts[m["block"]][m["proj"]] = (path, key)
+        if expert := parse_expert_key(key):
+            block, e, proj = expert
+            expert_parts[block][proj if e is None else (e, proj)] = (path, key)
         elif key in own:
             value = shards.get(path, key)
             module_name, _, leaf = key.rpartition(".")

@@ -13,7 +13,8 @@ Layout written (peft 0.21 ``ParamWrapper``, ``target_parameters=["mlp.experts.ga
     base_model.model.<layer>.mlp.experts.lora_B.weight              [H, r*E]    down B
 
 so a stock transformers model + ``PeftModel.from_pretrained`` (or vLLM) loads the adapter unmerged and
-gives the same logits. ``ParamWrapper.get_delta_factors`` is the reference for the reshapes below.
+gives the same logits. ``ParamWrapper.get_delta_factors`` is the reference for the reshapes, which live in
+qwen_sft/model/checkpoint.py (the checkpoint contract; merge and export use the same ones).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from qwen_sft.atomic import atomic_dir, atomic_open
+from qwen_sft.model.checkpoint import factor_from_peft as factors_from_peft
+from qwen_sft.model.checkpoint import factor_to_peft as factors_to_peft
 from qwen_sft.moe.experts import ExpertEngine
 from qwen_sft.moe.install import ExpertLoraSpec
 
@@ -39,22 +42,6 @@ _PEFT_KEYS = {
     "lora_down_A": "lora_A.weight",
     "lora_down_B": "lora_B.weight",
 }
-
-
-def factors_to_peft(name: str, t: torch.Tensor) -> torch.Tensor:
-    """Our ``A [E, r, in]`` / ``B [E, out, r]`` -> peft's ``lora_A.weight [E*r, in]`` / ``lora_B.weight [out, r*E]``."""
-    if name.endswith("_A"):
-        return t.reshape(-1, t.shape[-1]).contiguous()
-    e, out, r = t.shape
-    return t.permute(1, 2, 0).reshape(out, r * e).contiguous()
-
-
-def factors_from_peft(name: str, t: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Inverse of :func:`factors_to_peft`."""
-    if name.endswith("_A"):
-        return t.reshape(num_experts, -1, t.shape[-1])
-    out = t.shape[0]
-    return t.reshape(out, -1, num_experts).permute(2, 0, 1).contiguous()
 
 
 def expert_engines(model: nn.Module) -> dict[str, ExpertEngine]:

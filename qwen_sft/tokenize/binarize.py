@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from qwen_sft.cli_options import build_parser, parse
+from qwen_sft.samples.files import FORMATS
 from qwen_sft.tokenize.cli import report, run
 from qwen_sft.tokenize.options import BinarizePaths, TokenizeOptions
-from qwen_sft.tokenize.writers import FORMATS
 
 
 def resolve_output(output: Path, save_format: str | None) -> Path:

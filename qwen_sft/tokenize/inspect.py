@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
-from qwen_sft.tokenize.labels import IGNORE_INDEX
-from qwen_sft.tokenize.writers import iter_samples
+from qwen_sft.samples import IGNORE_INDEX
+from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenizer import TokenizerLoadError, load_tokenizer
 
 GREEN, RESET = "\033[42;30m", "\033[0m"

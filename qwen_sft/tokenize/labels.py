@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qwen_sft.tokenize.render import Turn
+from qwen_sft.samples import IGNORE_INDEX  # defined in qwen_sft.samples; importable from here too
+from qwen_sft.tokenize.turns import Turn
 
 Policy = Literal["assistant", "last", "all"]
 POLICIES: tuple[str, ...] = ("assistant", "last", "all")
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "POLICIES", "Policy", "header_merges", "label_tokens", "supervised_spans", "token_starts"]
 
 
 def header_merges(tok: Any) -> list[str]:

@@ -30,14 +30,14 @@ import numpy as np
 import orjson
 
 from qwen_sft.atomic import atomic_group
+from qwen_sft.conversation.errors import RecordError
 from qwen_sft.data.exactjson import loads as exact_loads
+from qwen_sft.samples import IGNORE_INDEX
+from qwen_sft.samples.files import SampleWriter, format_of, jsonl_rows
 from qwen_sft.tokenize import stats as stats_mod
 from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
-from qwen_sft.tokenize.labels import IGNORE_INDEX
 from qwen_sft.tokenize.options import TokenizeOptions
-from qwen_sft.tokenize.render import RecordError
 from qwen_sft.tokenize.sample import Overlong, SampleTokenizer
-from qwen_sft.tokenize.writers import SampleWriter, format_of, jsonl_rows
 from qwen_sft.tokenizer import load_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool

@@ -1,127 +1,19 @@
-"""ChatML record → validated messages → text rendered by the tokenizer's own chat template → turns.
+"""Validated messages → text rendered by the tokenizer's own chat template (``Renderer``).
 
 The chat template is the only source of the prompt format: we never retype it. We render with the
 template compiled once (transformers' own Jinja environment, the same keyword arguments as
 ``apply_chat_template``) and check at start-up that this gives the very string ``apply_chat_template``
 gives; if it ever does not, every record goes through ``apply_chat_template`` itself.
 
-Turns are found in the rendered text, not derived from message contents, because the template
-rewrites content (the official one trims assistant content before tool calls and groups consecutive
-tool messages into one user turn).
+Reading and validating the record is the conversation contract's (``qwen_sft.conversation``); splitting the
+rendered text into turns is ``turns.py``, matching turns to messages ``align.py``.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, NamedTuple
+from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-IM_START_B, IM_END_B = IM_START.encode(), IM_END.encode()
-
-
-class RecordError(ValueError):
-    """A record that cannot be tokenized; ``reason`` is a short stable key counted in the statistics."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _tool_call(call: Any, where: str) -> dict:
-    if not isinstance(call, dict):
-        raise RecordError("bad_tool_call", f"{where} is {type(call).__name__}, expected an object")
-    fn = call.get("function", call)
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise RecordError("bad_tool_call", f"{where} has no function name")
-    args = fn.get("arguments", {})
-    if args is None:
-        args = {}
-    if isinstance(args, str):
-        # Hand-written ChatML often keeps OpenAI's JSON-string arguments; the template needs a mapping.
-        try:
-            args = json.loads(args, parse_constant=_no_constant) if args.strip() else {}
-        except json.JSONDecodeError as err:
-            raise RecordError("bad_tool_arguments", f"{where}.arguments is not JSON ({err.msg})") from None
-        except RecursionError:
-            raise RecordError("bad_tool_arguments", f"{where}.arguments are nested too deeply to parse") from None
-    if not isinstance(args, dict):
-        raise RecordError("bad_tool_arguments", f"{where}.arguments is {type(args).__name__}, expected an object")
-    return {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-
-
-def _no_constant(name: str) -> Any:
-    # NaN/Infinity are not JSON: convert rejects them, so tokenize does too (same decision on the same record)
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
-
-
-def normalize_record(record: Any, special_tokens: tuple[str, ...]) -> tuple[list[dict], list[dict] | None]:
-    """Validate one ChatML record; return (messages, tools) exactly as they are handed to the template.
-
-    Only the keys the template reads are kept (role, content, tool_calls, tool_call_id), so extra keys
-    of the source never leak into the prompt. ``loss`` flags are read separately by ``loss_flags``.
-    """
-    if not isinstance(record, dict):
-        raise RecordError("not_an_object", f"record is {type(record).__name__}, expected an object")
-    raw = record.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise RecordError("no_messages", "record has no non-empty 'messages' list")
-    messages = []
-    for i, msg in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise RecordError("bad_message", f"{where} is {type(msg).__name__}, expected an object")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise RecordError("bad_role", f"{where}.role={role!r}, expected one of {', '.join(ROLES)}")
-        content = msg.get("content")
-        if content is None and role != "tool" and not (role == "assistant" and msg.get("tool_calls")):
-            # convert's rule (validate.py): null is "" and only a tool result or a pure tool call may be empty
-            reason = "empty_assistant" if role == "assistant" else "empty_content"
-            raise RecordError(reason, f"{where} ({role}) has content null")
-        content = "" if content is None else content
-        if not isinstance(content, str):
-            raise RecordError("bad_content", f"{where}.content is {type(content).__name__}, expected a string")
-        out: dict[str, Any] = {"role": role, "content": content}
-        calls = msg.get("tool_calls")
-        if calls:
-            if role != "assistant" or not isinstance(calls, list):
-                raise RecordError("bad_tool_call", f"{where}.tool_calls must be a list on an assistant message")
-            out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
-        if role == "tool" and isinstance(msg.get("tool_call_id"), str):
-            out["tool_call_id"] = msg["tool_call_id"]
-        loss = msg.get("loss")
-        if loss is not None and not isinstance(loss, bool):
-            raise RecordError("bad_loss_flag", f"{where}.loss={loss!r}, expected true or false")
-        messages.append(out)
-    tools = record.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError as err:
-            raise RecordError("bad_tools", f"'tools' is a string that is not JSON ({err.msg})") from None
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        raise RecordError("bad_tools", "'tools' must be a list of objects")
-    tools = tools or None
-    # A literal "<|im_end|>" in user text would become the control token: it would end the turn early
-    # for the model and break the turn layout the labels rely on. Such records are rejected, not escaped,
-    # so every written sample still equals the template rendered and tokenized in one pass.
-    texts = [m["content"] for m in messages]
-    if tools or any("tool_calls" in m for m in messages):
-        texts.append(json.dumps([[m.get("tool_calls") for m in messages], tools], ensure_ascii=False))
-    prefixes = {token[:2] for token in special_tokens}  # "<|" for Qwen: a cheap filter before the exact scan
-    for text in texts:
-        if any(p in text for p in prefixes):
-            for token in special_tokens:
-                if token in text:
-                    raise RecordError("special_token_in_content", f"the text contains the control token {token!r}")
-    return messages, tools
-
-
-def loss_flags(record: dict) -> list[bool | None]:
-    """The per-message ``loss`` override of each message (None where the policy decides)."""
-    return [m.get("loss") for m in record["messages"]]
+from qwen_sft.tokenize.turns import IM_END, IM_START
 
 
 def _plain_probes() -> list[list[dict]]:
@@ -192,55 +84,3 @@ class Renderer:
         return self.fast
 
 
-class Turn(NamedTuple):
-    """One ``<|im_start|>role\\n…<|im_end|>\\n`` block as byte offsets into the rendered UTF-8 text."""
-
-    role: str
-    start: int  # at <|im_start|>
-    body: int  # first byte after "<|im_start|>role\n" (the header)
-    end: int  # first byte after <|im_end|>
-
-
-def parse_turns(data: bytes) -> list[Turn]:
-    """Split rendered text into turns; raise RecordError if the text is not a clean sequence of turns."""
-    turns: list[Turn] = []
-    pos = 0
-    n = len(data)
-    while pos < n:
-        if not data.startswith(IM_START_B, pos):
-            raise RecordError("template_layout", f"rendered text has stray text at byte {pos}")
-        head = pos + len(IM_START_B)
-        close = data.find(IM_END_B, head)
-        if close < 0:
-            raise RecordError("template_layout", "a turn has no <|im_end|>")
-        nl = data.find(b"\n", head, close)
-        role_end = nl if nl >= 0 else close
-        role = data[head:role_end].decode()
-        body = role_end + 1 if nl >= 0 else role_end
-        end = close + len(IM_END_B)
-        turns.append(Turn(role, pos, body, end))
-        pos = end + 1 if data.startswith(b"\n", end) else end
-    return turns
-
-
-def align_turns(turns: list[Turn], messages: list[dict]) -> list[list[int]]:
-    """For each turn, the indices of the messages it renders ([] for a system block the template adds).
-
-    Consecutive tool messages share one user turn, as the template groups them.
-    """
-    groups: list[tuple[str, list[int]]] = []
-    for i, m in enumerate(messages):
-        if m["role"] == "tool" and groups and groups[-1][0] == "tool":
-            groups[-1][1].append(i)
-        else:
-            groups.append((m["role"], [i]))
-    owners: list[list[int]] = []
-    if turns and turns[0].role == "system" and messages[0]["role"] != "system":
-        owners.append([])  # the template's own system block (tools listing)
-    if len(turns) - len(owners) != len(groups):
-        raise RecordError("template_layout", f"the template rendered {len(turns)} turns for {len(groups)} message groups")
-    for turn, (role, idx) in zip(turns[len(owners) :], groups):
-        if turn.role != ("user" if role == "tool" else role):
-            raise RecordError("template_layout", f"turn role {turn.role!r} where message role {role!r} was expected")
-        owners.append(idx)
-    return owners

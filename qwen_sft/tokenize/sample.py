@@ -1,14 +1,14 @@
-"""One ChatML record → (input_ids, label), or a RecordError with its reason.
+"""One ChatML record → (input_ids, label), or a RecordError with its reason (``qwen_sft.conversation``).
 
     from qwen_sft.tokenizer import load_tokenizer
     st = SampleTokenizer(load_tokenizer("offline"))
     sample = st.tokenize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 
 Render once with the template, tokenize once, label tokens by byte spans (labels.py), then apply the
-length rule: over-length samples are dropped, or — with ``overlength="truncate"`` — cut after the last
-whole turn that fits and still leaves a supervised token; only when no such turn boundary exists is the
-sample cut inside a turn, and a cut that would end inside a ``<tool_call>`` is moved back to just before
-that call (kept half calls are counted, never silent).
+length rule of qwen_sft/samples/length.py (the one training applies too): over-length samples are dropped,
+or — with ``overlength="truncate"`` — cut after the last whole turn that fits and still leaves a supervised
+token; only when no such turn boundary exists is the sample cut inside a turn, and a cut that would end inside
+a ``<tool_call>`` is moved back to just before that call (kept half calls are counted, never silent).
 """
 
 from __future__ import annotations
@@ -18,9 +18,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qwen_sft.conversation.chatml import loss_flags, normalize_record
+from qwen_sft.conversation.errors import RecordError
+from qwen_sft.conversation.types import Message
+from qwen_sft.conversation.validate import validate_conversation
+from qwen_sft.samples import IGNORE_INDEX
+from qwen_sft.samples.length import NothingSupervised, TurnMarks, cut_to_length, fits
+from qwen_sft.tokenize.align import align_turns
 from qwen_sft.tokenize.encoder import Encoder
-from qwen_sft.tokenize.labels import IGNORE_INDEX, Policy, label_tokens, supervised_spans, token_starts
-from qwen_sft.tokenize.render import RecordError, Renderer, align_turns, loss_flags, normalize_record, parse_turns
+from qwen_sft.tokenize.labels import Policy, label_tokens, supervised_spans, token_starts
+from qwen_sft.tokenize.render import Renderer
+from qwen_sft.tokenize.turns import parse_turns
 
 Overlength = Literal["drop", "truncate"]
 
@@ -56,11 +64,13 @@ class SampleTokenizer:
         self.encoder = Encoder(tok, engine)
         self.max_token_bytes = max(int(self.encoder.byte_len.max()), 1)
         self.special = tuple(t.content for t in tok.added_tokens_decoder.values() if t.special)
-        vocab = tok.get_vocab()
-        self.call_open, self.call_close = vocab.get("<tool_call>", -1), vocab.get("</tool_call>", -1)
+        self.marks = TurnMarks.of(tok)
 
-    def render(self, record: Any) -> tuple[str, list[dict], list[dict] | None]:
+    def render(self, record: Any) -> tuple[str, list[Message], list[dict] | None]:
+        """Read and validate the record (the conversation contract, as convert does), then render it."""
         messages, tools = normalize_record(record, self.special)
+        # ChatML's own loss semantics: a flag on one grouped tool message supervises the grouped turn
+        validate_conversation(messages, loss_flags(record), grouped="any")
         try:
             text = self.renderer.render(messages, tools)
         except Exception as err:  # noqa: BLE001 - jinja raises anything; the record is what is wrong
@@ -85,7 +95,7 @@ class SampleTokenizer:
         # Tokens concatenate to these bytes and none is longer than max_token_bytes: a text that must be over
         # max_len even so is dropped before tokenizing (a 50 MB turn took minutes and GBs only to be dropped).
         at_least = -(-len(data) // self.max_token_bytes)
-        if at_least > self.max_len and self.overlength == "drop":
+        if not fits(at_least, self.max_len) and self.overlength == "drop":
             raise Overlong(at_least, exact=False)
         turns = parse_turns(data)
         owners = align_turns(turns, messages)
@@ -97,27 +107,12 @@ class SampleTokenizer:
         labels = label_tokens(ids, starts, spans)
         if not (labels != IGNORE_INDEX).any():
             raise RecordError("no_supervised_tokens", f"policy {self.policy!r} and the loss flags leave nothing to train on")
-        if len(ids) <= self.max_len:
+        if fits(len(ids), self.max_len):
             return Sample(ids, labels, len(ids))
         if self.overlength == "drop":
             raise Overlong(len(ids))
-        boundaries = np.searchsorted(starts[:-1], [t.start for t in turns[1:]], side="left")
-        return self._truncate(ids, labels, boundaries)
-
-    def _truncate(self, ids: np.ndarray, labels: np.ndarray, boundaries: np.ndarray) -> Sample:
-        supervised = np.cumsum(labels != IGNORE_INDEX)
-        for b in boundaries[::-1]:
-            if b <= self.max_len and supervised[b - 1] > 0:
-                return Sample(ids[:b], labels[:b], len(ids), "turn")
-        cut, kind = self.max_len, "mid_turn"
-        head = ids[:cut]
-        opens = np.flatnonzero(head == self.call_open)
-        if len(opens) and (head == self.call_close).sum() < len(opens):
-            back = int(opens[-1])  # before the unfinished <tool_call> (its "\n" is a separate token before it)
-            if back > 0 and supervised[back - 1] > 0:
-                cut = back
-            else:
-                kind = "in_tool_call"
-        if supervised[cut - 1] == 0:
-            raise Overlong(len(ids), "overlength_nothing_supervised_in_window")
-        return Sample(ids[:cut], labels[:cut], len(ids), kind)
+        try:
+            end, kind = cut_to_length(ids, labels, self.max_len, self.marks)
+        except NothingSupervised:
+            raise Overlong(len(ids), "overlength_nothing_supervised_in_window") from None
+        return Sample(ids[:end], labels[:end], len(ids), kind)

@@ -83,10 +83,10 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
             setattr(model.get_submodule(parent_name), child, lin)
 
 
-def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The NF4 attention layers' scales: they live in the quant state, not in any parameter."""
+def quant_state_tensors(model: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
+    """The NF4 layers' scales: they live in the quant state, not in any parameter."""
     out = []
-    for module in model.modules():
+    for module in model.modules() if recurse else [model]:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is None:
             continue
@@ -163,7 +163,9 @@ def _build_model(config, model_args: ModelArguments, *, gradient_checkpointing: 
         config.router_aux_loss_coef = model_args.router_aux_loss_coef
     config.output_router_logits = bool(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
     if layers is not None:
-        config.num_hidden_layers = layers
+        from qwen_sft.trace.fit import prefix_config
+
+        prefix_config(config, layers)
     engine = uses_expert_engine(model_args, config, deepspeed_zero3)  # raises for recipes that cannot run
     dtype = getattr(torch, model_args.torch_dtype)
     compute_dtype = getattr(torch, model_args.bnb_4bit_compute_dtype)

@@ -37,8 +37,12 @@ def component(name: str) -> str:
         return "weights: lm_head"
     if ".self_attn." in name and ("_proj" in name):
         return "weights: attention (q/k/v/o)"
+    if ".linear_attn." in name and "_proj" in name:  # qwen3_next's Gated DeltaNet projections
+        return "weights: Gated DeltaNet (in_proj_qkvz/ba, out_proj)"
     if ".mlp.experts" in name:
         return "weights: routed experts"
+    if ".mlp.shared_expert." in name:  # qwen3_next (shared_expert_gate, 1 row, stays with the routers)
+        return "weights: shared expert"
     if ".mlp." in name and ".gate." not in name and not name.endswith("mlp.gate.weight"):
         return "weights: dense MLP"
     return "weights: norms + routers"
@@ -64,10 +68,12 @@ def static_bytes(model: torch.nn.Module) -> tuple[dict[str, int], int]:
         out[c] = out.get(c, 0) + rounded(p)
         if getattr(p, "requires_grad", False):
             trainable += p.numel()
-    for t in quant_state_tensors(model):  # NF4 attention scales: held by the quant state, counted as attention
-        if id(t.untyped_storage()) not in seen:
-            seen.add(id(t.untyped_storage()))
-            out["weights: attention (q/k/v/o)"] = out.get("weights: attention (q/k/v/o)", 0) + rounded(t)
+    for name, module in model.named_modules():  # NF4 scales: held by the quant state, counted with their weight
+        for t in quant_state_tensors(module, recurse=False):
+            if id(t.untyped_storage()) not in seen:
+                seen.add(id(t.untyped_storage()))
+                c = component(f"{name}.weight")
+                out[c] = out.get(c, 0) + rounded(t)
     return out, trainable
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from qwen_sft.samples import IGNORE_INDEX
 from qwen_sft.trace.build import Built, quant_state_tensors
 from qwen_sft.trace.flops import flop_counter
 from qwen_sft.trace.shadow import ShadowMode
@@ -148,12 +149,12 @@ def make_batch(plan: StepPlan, vocab: int) -> dict[str, torch.Tensor]:
         ids = torch.cat(samples)[None]
         labels = ids.clone()
         starts = torch.tensor([0] + lens[:-1]).cumsum(0)
-        labels[0, starts] = -100  # the collator's separator: no sample predicts the next one's first token
+        labels[0, starts] = IGNORE_INDEX  # the collator's separator: no sample predicts the next one's first token
         pos = torch.cat([torch.arange(n) for n in lens])[None]
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
     width = max(lens)
     ids = torch.full((len(lens), width), 151643 % vocab)
-    labels = torch.full((len(lens), width), -100)
+    labels = torch.full((len(lens), width), IGNORE_INDEX)
     mask = torch.zeros((len(lens), width), dtype=torch.long)
     for row, s in enumerate(samples):
         ids[row, :len(s)], labels[row, :len(s)], mask[row, :len(s)] = s, s, 1

@@ -199,7 +199,8 @@ class RunArguments:
                                           "runs its experts tile by tile, each recomputed in backward. 0: never tile."}
     )
     sp_size: int = field(
-        default=1, metadata={"help": "Sequence-parallel degree (Ulysses). Only 1 is supported for now."}
+        default=1, metadata={"help": "Sequence-parallel degree: ranks that share one sequence (DeepSpeed Ulysses, "
+                                     "needs --deepspeed; must divide the attention heads and the process count)."}
     )
 
     # --- memory (issue 14: bench/RESULTS.md "Memory levers") --------------------------------------------------
@@ -262,10 +263,10 @@ def long_sequence_conflicts(data: DataArguments, run: RunArguments, training: ob
                         "gradient_checkpointing=true")
     if run.expert_tile_rows < 0:
         problems.append(f"expert_tile_rows must be >= 0 (0: never tile), got {run.expert_tile_rows}")
-    if run.sp_size != 1:
-        problems.append(f"sp_size={run.sp_size}: sequence parallelism is not implemented in this release "
-                        f"(docs/train.md \"Long trajectories\" says what remains); use sp_size=1 with "
-                        f"chunked_loss, token-budget batching and offload_activations")
+    from qwen_sft.train.sp import option_problems
+
+    problems += option_problems(run.sp_size, deepspeed=getattr(training, "deepspeed", None), packing=data.packing,
+                                chunked_loss=run.chunked_loss, token_budget=run.token_budget_batching)
     return problems
 
 
@@ -333,6 +334,9 @@ def _finish(values: dict[str, object], origins: dict[str, str], problems: list[s
         # Say everything at once: what the files would add (adapter config, model, data paths) as well.
         raise ConfigError(problems + find_problems(values, io=True))
     typed, _ = coerce(values)
+    if typed.get("sp_size", 1) > 1:  # Ulysses shards one packed row per micro-batch (its batch size is fixed)
+        typed["per_device_train_batch_size"] = 1
+        origins["per_device_train_batch_size"] = "sp_size > 1: one packed row per micro-batch"
     if typed.get("global_batch_size"):
         typed["gradient_accumulation_steps"] = accumulation_steps(typed)
         origins["gradient_accumulation_steps"] = f"global_batch_size {typed['global_batch_size']}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-IGNORE = -100
+from qwen_sft.samples import IGNORE_INDEX as IGNORE
 
 
 def make_collator(packing: bool, pad_id: int) -> Callable[[list[dict]], dict]:

@@ -28,7 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from qwen_sft.samples import IGNORE_INDEX as IGNORE
+
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -52,9 +53,23 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tens
                     num_items_in_batch: torch.Tensor | int | None = None,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Summed token cross-entropy over ``hidden [..., T, H]`` / (``num_items_in_batch`` or the supervised count)."""
+    targets = shifted_targets(labels.to(hidden.device), position_ids)
+    total, supervised = chunked_target_loss(hidden, lm_head, targets, chunk_tokens=chunk_tokens), targets != IGNORE
+    if num_items_in_batch is None:
+        return total / max(int(supervised.sum()), 1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def chunked_target_loss(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, *,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden [..., T, H]`` against already shifted ``targets [..., T]`` (-100 ignored),
+    a chunk of supervised positions at a time; what ``chunked_lm_loss`` divides, and what sequence parallelism
+    sums over the ranks (qwen_sft/train/sp.py: the labels are shifted on the whole row before it is sharded)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    targets = shifted_targets(labels.to(hidden.device), position_ids).reshape(-1)
+    targets = targets.to(hidden.device).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     where = torch.nonzero(targets != IGNORE).squeeze(1)
     picked, picked_targets = flat.index_select(0, where), targets.index_select(0, where)
@@ -64,11 +79,7 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tens
     for start in range(0, picked.shape[0], chunk_tokens):
         h, t = picked[start:start + chunk_tokens], picked_targets[start:start + chunk_tokens]
         total = total + (checkpoint(fn, h, t, use_reentrant=False) if recompute else fn(h, t))
-    if num_items_in_batch is None:
-        return total / max(int(where.numel()), 1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return total
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

@@ -1,12 +1,13 @@
 """Load Qwen3-MoE for training: dtype, attention, 4-bit quantization, LoRA on the fused experts, frozen router.
 
-    python -c "from qwen_sft.train.model import expert_memory_gib; from transformers import AutoConfig; \
+    python -c "from qwen_sft.model.load import expert_memory_gib; from transformers import AutoConfig; \
 print(expert_memory_gib(AutoConfig.from_pretrained('../shared/spec/qwen3-coder-30b-a3b-instruct')))"
 
 transformers v5 keeps each layer's routed experts in one module ``mlp.experts`` with fused 3-D parameters
 ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``; the router ``mlp.gate`` is a bare ``weight [E, H]``.
 ``apply_lora`` is the single place where adapters are attached: the MoE expert engine (qwen_sft/moe) plugs
-in there.
+in there. Loading itself is ``qwen_sft.model.load.load_causal_lm`` (plain arguments); ``load_model`` maps a
+run's options onto it.
 """
 
 from __future__ import annotations
@@ -18,28 +19,17 @@ from pathlib import Path
 
 import torch
 
+from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as EXPERT_PARAMS
+from qwen_sft.model.checkpoint import FUSED_OF as EXPERT_NAME_MAP  # seed (v4) expert names → fused v5 param
+from qwen_sft.model.load import NOT_QUANTIZED, Quantization, expert_memory_gib, load_causal_lm, mark_moe_leaf_modules  # noqa: F401  (re-exported)
 from qwen_sft.train.args import ModelArguments, lora_config
 
-EXPERT_PARAMS = {"gate_up_proj", "down_proj"}
-# Seed adapter names of the per-expert Linear layers (transformers v4) → the fused v5 parameter.
-EXPERT_NAME_MAP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 ROUTER_SUFFIX = "mlp.gate"
-# Never quantized: the router (a few KB, and its argmax decides everything), embeddings, lm_head.
-NOT_QUANTIZED = ["gate", "lm_head", "embed_tokens"]
 
 
 def log(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[qwen-sft train] {msg}", flush=True)
-
-
-def expert_memory_gib(config, bits: float = 16.0) -> float:
-    """Memory of all routed-expert weights at ``bits`` per weight, from the model config alone."""
-    moe_layers = [i for i in range(config.num_hidden_layers)
-                  if i not in (getattr(config, "mlp_only_layers", None) or [])
-                  and (i + 1) % getattr(config, "decoder_sparse_step", 1) == 0]
-    per_layer = config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
-    return len(moe_layers) * per_layer * bits / 8 / 2**30
 
 
 def linear_attention_layers(config) -> list[int]:
@@ -59,17 +49,6 @@ def resolve_packing(config, packing: bool) -> bool:
             f"padded to the longest sample instead")
         return False
     return packing
-
-
-def _size(gib: float) -> str:
-    return f"{gib:.2f} GiB" if gib >= 1 else f"{gib * 1024:.2f} MiB"
-
-
-def _local_device() -> dict | None:
-    """Each torchrun rank keeps its own quantized copy on its own GPU (``LOCAL_RANK``)."""
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return None
 
 
 def attention_implementation(model_args: ModelArguments) -> str:
@@ -103,8 +82,11 @@ def expert_lora_spec(model_args: ModelArguments):
     cfg = lora_config(model_args)
     targets = cfg.get("target_modules")
     if isinstance(targets, list) and not cfg.get("target_parameters") \
-            and not any(t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS for t in targets):
-        return None  # attention-only LoRA: the engine holds no expert factors
+            and not any((t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS)
+                        and "shared_expert" not in t for t in targets):
+        # attention-only LoRA (qwen3_next: "shared_expert.gate_proj" etc. name the shared expert's Linears only):
+        # the engine holds no expert factors
+        return None
     r, alpha, _, rank_pattern, alpha_pattern = lora_settings(cfg)
     return ExpertLoraSpec.from_lora_config({"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern,
                                             "alpha_pattern": alpha_pattern},
@@ -113,73 +95,16 @@ def expert_lora_spec(model_args: ModelArguments):
 
 def load_model(model_args: ModelArguments, config, deepspeed_zero3: bool = False):
     """The causal LM in ``torch_dtype`` (bf16 unless asked), ``use_cache=False``, 4-bit when ``use_qlora``.
-    MoE + LoRA/QLoRA with ``expert_engine``: experts are the engine's (NF4 under QLoRA) with expert LoRA."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    # use_cache=False: with a cache, packed rows attend across sample boundaries (see shared/spec).
-    config.use_cache = False
-    coef = model_args.router_aux_loss_coef
-    if coef is not None:
-        config.router_aux_loss_coef = coef
-    config.output_router_logits = bool(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    MoE + LoRA/QLoRA with ``expert_engine``: experts are the engine's (NF4 under QLoRA) with expert LoRA.
+    The run's options as plain arguments of ``qwen_sft.model.load.load_causal_lm``, which does the loading."""
     engine = uses_expert_engine(model_args, config, deepspeed_zero3)
-    kwargs: dict = {"config": config, "dtype": getattr(torch, model_args.torch_dtype),
-                    "attn_implementation": attention_implementation(model_args),
-                    "cache_dir": model_args.cache_dir, "trust_remote_code": model_args.trust_remote_code}
-    if engine:
-        from qwen_sft.moe import install_expert_engine, load_moe_model
-
-        spec = expert_lora_spec(model_args)
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-        if model_args.use_qlora:
-            model, report = load_moe_model(
-                model_args.model_name_or_path, device=device,
-                compute_dtype=getattr(torch, model_args.bnb_4bit_compute_dtype), quantize_experts=True,
-                quantize_attention=True, double_quant=model_args.bnb_4bit_use_double_quant, lora=spec,
-                attn_implementation=kwargs["attn_implementation"], config=config, cache_dir=model_args.cache_dir)
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-                model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-            report = install_expert_engine(model, quantize_experts=False, lora=spec, compute_dtype=kwargs["dtype"],
-                                           device=device if torch.cuda.is_available() else None)
-        log(report.summary())
-        return model
-    if model_args.use_qlora:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, model_args.bnb_4bit_compute_dtype),
-            bnb_4bit_quant_storage=getattr(torch, model_args.torch_dtype),
-            llm_int8_skip_modules=NOT_QUANTIZED)
-        kwargs["device_map"] = _local_device()
-        if getattr(config, "num_experts", 0):
-            bits = torch.finfo(getattr(torch, model_args.torch_dtype)).bits
-            log("!" * 100)
-            log(f"WARNING: bitsandbytes quantizes only nn.Linear layers; on transformers v5 the fused MoE experts "
-                f"stay in {model_args.torch_dtype}: {_size(expert_memory_gib(config, bits))} of expert weights "
-                f"instead of ~{_size(expert_memory_gib(config, 4.5))} in NF4 (computed from the model config; "
-                f"NF4 ≈ 4.5 bits with its scales). --expert_engine true (the default, qwen_sft/moe) stores them "
-                f"in NF4.")
-            log("!" * 100)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-    if deepspeed_zero3:
-        names = mark_moe_leaf_modules(model)
-        log(f"ZeRO-3: MoE blocks {names} are leaf modules (all their experts are gathered together)")
-    return model
-
-
-def mark_moe_leaf_modules(model) -> list[str]:
-    """ZeRO-3: gather a whole MoE block at once. Ranks route tokens to different experts, so per-expert
-    parameter fetches would differ between ranks and the all-gathers would hang."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    classes = {type(m) for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")}
-    if classes:
-        set_z3_leaf_modules(model, list(classes))
-    return sorted(c.__name__ for c in classes)
+    quantize = Quantization(model_args.bnb_4bit_quant_type, model_args.bnb_4bit_use_double_quant,
+                            getattr(torch, model_args.bnb_4bit_compute_dtype)) if model_args.use_qlora else None
+    return load_causal_lm(model_args.model_name_or_path, config, dtype=getattr(torch, model_args.torch_dtype),
+                          attn_implementation=attention_implementation(model_args), quantize=quantize,
+                          expert_engine=engine, expert_lora=expert_lora_spec(model_args) if engine else None,
+                          zero3=deepspeed_zero3, router_aux_loss_coef=model_args.router_aux_loss_coef,
+                          cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code, log=log)
 
 
 def lora_config_file(path: str) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from qwen_sft.atomic import atomic_open
 from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import is_secret, redact_line
+from qwen_sft.samples.length import TurnMarks
 from qwen_sft.train import download
 from qwen_sft.train.args import LORA_FIELDS, TrainConfig, describe, lora_config
 from qwen_sft.train.data import DataStats, load_tokenized
@@ -173,7 +174,8 @@ def run(config: TrainConfig) -> dict:
             if path:
                 ds = load_tokenized(path, vocab_size=model_config.vocab_size, max_len=d.model_max_length,
                                     truncate=d.truncate_source, strict=d.strict, cache_dir=d.data_cache_dir,
-                                    tokenizer=made_by, allow_template_mismatch=d.allow_template_mismatch)
+                                    tokenizer=made_by, allow_template_mismatch=d.allow_template_mismatch,
+                                    marks=TurnMarks.of(tokenizer))
                 datasets[split], stats[split] = ds, ds.stats.to_dict()
                 log(ds.stats.summary())
     if not len(datasets["train"]):
@@ -232,13 +234,22 @@ def run(config: TrainConfig) -> dict:
     from qwen_sft.train.trainer import ArtifactsCallback, SFTTrainer
 
     # SFTTrainer's save adds the expert factors (peft's save_pretrained drops them) and marks checkpoints complete.
+    collator = make_collator(d.packing, tokenizer.pad_token_id)
+    if r.sp_size > 1:  # Ulysses through accelerate's ParallelismConfig + DeepSpeed (qwen_sft/train/sp.py)
+        from qwen_sft.train.model import attention_implementation
+        from qwen_sft.train.sp import SPCollator, parallelism_config
+
+        t.parallelism_config = parallelism_config(r.sp_size, t.world_size, attention_implementation(m))
+        collator = SPCollator(collator, r.sp_size, tokenizer.pad_token_id)
+        log(f"sequence parallelism: {r.sp_size} ranks per sequence, {t.world_size // r.sp_size} data-parallel "
+            f"group(s), one packed row of <= {budget} tokens per micro-batch (per_device_train_batch_size=1)")
     trainer = SFTTrainer(model=model, args=t, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
-                         data_collator=make_collator(d.packing, tokenizer.pad_token_id),
+                         data_collator=collator,
                          processing_class=tokenizer, router_aux_loss_coef=coef, artifacts_dir=out,
                          callbacks=[ArtifactsCallback(out, config.run.loss_curve)],
                          chunked_loss=r.chunked_loss, loss_chunk_tokens=r.loss_chunk_tokens,
                          max_tokens_per_batch=budget, offload_activations=r.offload_activations,
-                         optim_foreach=r.optim_foreach)
+                         optim_foreach=r.optim_foreach, sp_size=r.sp_size)
     result = trainer.train(resume_from_checkpoint=resume)
     # --- save: every file, then the completion marker last (a kill before it leaves an adapter everyone refuses)
     try:

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 from qwen_sft.atomic import atomic_open
 from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import secrets_hidden
+from qwen_sft.samples import IGNORE_INDEX
 from qwen_sft.train.loss import DEFAULT_CHUNK_TOKENS, causal_lm, chunked_lm_loss, forward_hidden
 
 ARTIFACTS = ("train_config.yaml", "data_stats.json", "trainable_params.json", "chat_template.jinja")
@@ -45,8 +46,16 @@ class SFTTrainer(Trainer):
     def __init__(self, *args, router_aux_loss_coef: float = 0.0, artifacts_dir: Path | None = None,
                  chunked_loss: bool = True, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  max_tokens_per_batch: int | None = None, offload_activations: bool = False,
-                 optim_foreach: bool | None = None, **kwargs) -> None:
+                 optim_foreach: bool | None = None, sp_size: int = 1, **kwargs) -> None:
+        self.sp_size = sp_size
+        if sp_size > 1:  # before accelerate wraps the attention in Ulysses (qwen_sft/train/sp.py)
+            from qwen_sft.train.sp import install_packed_sdpa
+
+            install_packed_sdpa()
         super().__init__(*args, **kwargs)
+        if sp_size > 1:
+            self.loss_is_scaled_for_ga = True  # normalised over the window's supervised targets (sp.lm_loss)
+            self.accelerator.deepspeed_ulysses_dl_adapter = self._sp_dataloader  # Trainer wraps the loader here
         self.optim_foreach = optim_foreach
         self.router_aux_loss_coef = router_aux_loss_coef
         self.artifacts_dir = artifacts_dir
@@ -58,17 +67,25 @@ class SFTTrainer(Trainer):
         self._last_log = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from qwen_sft.train.sp import REAL
+
+        inputs = dict(inputs)
+        real = inputs.pop(REAL, None)  # sequence parallelism: which tokens are not padding to a multiple of sp
+        sp_slice = self.sp_size > 1 and "shift_labels" in inputs  # this rank's slice, labels already shifted
         if model.training:
-            mask = inputs.get("attention_mask")
+            mask = inputs.get("attention_mask") if real is None else real
             self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            self._supervised += int((inputs["labels"][..., 1:] != -100).sum())
+            supervised = inputs["shift_labels"] if sp_slice else inputs["labels"][..., 1:]
+            self._supervised += int((supervised != IGNORE_INDEX).sum())
         # Offload: what autograd saves outside the checkpointed layers (with checkpointing on: each layer's input,
         # layers x tokens x hidden) goes to host memory, pinned when there is a GPU, and comes back in backward.
         # PyTorch's save_on_cpu rather than transformers' offload=True, which insists on pinned memory (no CPU run).
         offload = self.offload_activations and model.training and torch.is_grad_enabled()
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload \
                 else contextlib.nullcontext():
-            if self.chunked_loss and "labels" in inputs:
+            if sp_slice:
+                loss, outputs = self._sp_compute_loss(model, inputs, real, num_items_in_batch)
+            elif self.chunked_loss and "labels" in inputs:
                 loss, outputs = self._chunked_compute_loss(model, inputs, num_items_in_batch)
             else:
                 loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -97,6 +114,34 @@ class SFTTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
                            else self.args.n_gpu)
         return loss, outputs
+
+    def _sp_compute_loss(self, model, inputs, real, num_items_in_batch):
+        """Sequence parallelism: the chunked loss of this rank's slice and the router aux loss of the whole
+        micro-batch, both reduced over the SP group (qwen_sft/train/sp.py)."""
+        from qwen_sft.train import sp
+
+        causal = causal_lm(self.accelerator.unwrap_model(model))
+        group = sp.sp_group()
+        loss, outputs = sp.lm_loss(model, causal, inputs, num_items_in_batch, self.loss_chunk_tokens, group,
+                                   data_parallel=self.args.world_size // self.sp_size)
+        if getattr(outputs, "router_logits", None) and self.router_aux_loss_coef > 0:
+            cfg = causal.config
+            outputs["aux_loss"] = sp.aux_loss(outputs.router_logits, cfg.num_experts, cfg.num_experts_per_tok, real,
+                                              group)
+        return loss, outputs
+
+    def _sp_dataloader(self, loader, model):
+        from qwen_sft.train.sp import sp_dataloader
+
+        return sp_dataloader(loader, getattr(self.data_collator, "pad_id", 0), model.device)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Under sequence parallelism: the window's supervised targets, each rank counting its own slices."""
+        if self.sp_size == 1 or not batch_samples or "shift_labels" not in batch_samples[0]:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        from qwen_sft.train.sp import count_targets
+
+        return self.accelerator.reduce(count_targets(batch_samples, device), reduction="sum")
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer (decay groups, bitsandbytes' embedding override), with ``optim_foreach`` applied."""

@@ -321,6 +321,9 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
         problems.append(f"model_name_or_path={v['model_name_or_path']}: cannot read its config "
                         f"({str(exc).splitlines()[0][:200]}){hint}")
         return {"download": found.download, "warning": warning}
+    from qwen_sft.train.sp import model_problems as sp_problems  # heads, KV heads, layer kinds, WORLD_SIZE
+
+    problems.extend(sp_problems(int(v["sp_size"]), config))
     engine = bool((v["use_peft"] or v["use_qlora"]) and v["expert_engine"] and getattr(config, "num_experts", 0))
     if engine and stage == 3:
         problems.append(f"expert_engine=True (the default for LoRA/QLoRA on an MoE model) does not run under "

@@ -1,14 +1,16 @@
 """Tokenized samples to disk (JSONL, Parquet, Arrow IPC) and back, chosen by the file extension.
 
+    from qwen_sft.samples.files import open_writer, iter_samples
     with open_writer(Path("train.arrow")) as w:
         w.write([ids], [labels])
     for ids, labels in iter_samples(Path("train.arrow")): ...
 
-Every format holds exactly ``input_ids`` and ``label`` (-100 = not supervised). The columnar formats
-store both as ``list<int32>``; ``.arrow`` is the IPC *file* format, so training can memory-map it with
-``pyarrow.ipc.open_file(pyarrow.memory_map(path))``. Writers write a temporary file and rename it
-only when closed cleanly. ``.npy`` (upstream's pickled object arrays) is never written and is read
-only with ``allow_pickle=True``, because unpickling runs code from the file.
+The one writer (tokenize) and the one reader (inspect, tests, the training cache through ``parse_row`` and
+``label_column``) of the sample files: ``input_ids`` and ``label`` (qwen_sft/samples/__init__.py). The columnar
+formats store both as ``list<int32>``; ``.arrow`` is the IPC *file* format, so training can memory-map it with
+``pyarrow.ipc.open_file(pyarrow.memory_map(path))``. Writers write a temporary file and rename it only when
+closed cleanly. ``.npy`` (upstream's pickled object arrays) is never written and is read only with
+``allow_pickle=True``, because unpickling runs code from the file.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import orjson
 import pyarrow as pa
 
 from qwen_sft.atomic import atomic_open
+from qwen_sft.samples import INPUT_IDS, LABEL, LABEL_COLUMNS
 
-SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.list_(pa.int32()))])
+TOKENS = pa.list_(pa.int32())  # the type of both columns
+SCHEMA = pa.schema([(INPUT_IDS, TOKENS), (LABEL, TOKENS)])
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 ROWS_PER_GROUP = 8192  # Parquet row group / Arrow batch: large enough to compress, small enough to stream
 
@@ -37,7 +41,47 @@ def format_of(path: Path) -> str:
     return fmt
 
 
-def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
+def label_column(names: list[str]) -> str | None:
+    """The label column of a table with these column names (``label``, or its alias ``labels``), None if none."""
+    return next((c for c in LABEL_COLUMNS if c in names), None)
+
+
+def has_schema(schema: pa.Schema) -> bool:
+    """Whether an Arrow file already holds our columns with our types (then it is memory-mapped as is)."""
+    return all(c in schema.names and schema.field(c).type == TOKENS for c in (INPUT_IDS, LABEL))
+
+
+class RowError(ValueError):
+    """A JSONL line that is not a tokenized sample; ``kind`` names the reason (training counts by it)."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind, self.detail = kind, detail
+
+
+def parse_row(line: bytes) -> tuple[list[int], list[int]]:
+    """(input_ids, label) of one JSONL line, or ``RowError``. Lengths and values are checked by the reader's
+    caller (training validates them against the vocabulary); here only the shape of the record."""
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise RowError("invalid JSON", str(exc)) from None
+    if not isinstance(rec, dict) or INPUT_IDS not in rec:
+        keys = sorted(rec)[:6] if isinstance(rec, dict) else type(rec).__name__
+        raise RowError("not tokenized (no input_ids)", f"keys {keys}")
+    ids, labels = rec[INPUT_IDS], next((rec[c] for c in LABEL_COLUMNS if c in rec), None)
+    if labels is None:
+        raise RowError("no label", f"expected a {LABEL!r} list beside {INPUT_IDS}")
+    if not (isinstance(ids, list) and isinstance(labels, list)
+            and all(type(x) is int for x in ids) and all(type(x) is int for x in labels)):
+        raise RowError("not lists of integers")
+    if any(abs(x) >= 2**31 for x in ids) or any(abs(x) >= 2**31 for x in labels):
+        raise RowError("ids beyond the vocabulary", "value does not fit int32")
+    return ids, labels
+
+
+def list_column(rows: list[np.ndarray] | list[list[int]]) -> pa.ListArray:
+    """One ``list<int32>`` column from per-row token arrays, built from offsets (no per-element Python)."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
     values = np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, np.int32)
@@ -47,7 +91,7 @@ def _list_column(rows: list[np.ndarray]) -> pa.ListArray:
 def jsonl_rows(ids: list[np.ndarray], labels: list[np.ndarray]) -> bytes:
     """``{"input_ids": [...], "label": [...]}`` lines, the seed's training format."""
     opt = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-    return b"".join([orjson.dumps({"input_ids": i, "label": lab}, option=opt) for i, lab in zip(ids, labels)])
+    return b"".join([orjson.dumps({INPUT_IDS: i, LABEL: lab}, option=opt) for i, lab in zip(ids, labels)])
 
 
 class SampleWriter:
@@ -84,7 +128,7 @@ class SampleWriter:
 
     def _flush(self) -> None:
         if self._ids:
-            batch = pa.RecordBatch.from_arrays([_list_column(self._ids), _list_column(self._labels)], schema=SCHEMA)
+            batch = pa.RecordBatch.from_arrays([list_column(self._ids), list_column(self._labels)], schema=SCHEMA)
             self._writer.write(pa.Table.from_batches([batch]) if self.fmt == "parquet" else batch)
             self._ids, self._labels = [], []
 
@@ -111,7 +155,7 @@ def iter_samples(path: Path, allow_pickle: bool = False) -> Iterator[tuple[list[
             raise ValueError(f"{path}: .npy files from upstream are pickles and unpickling runs code; "
                              "pass --allow-pickle only for a file you made yourself")
         for row in np.load(path, allow_pickle=True):
-            yield list(map(int, row["input_ids"])), list(map(int, row["label"]))
+            yield list(map(int, row[INPUT_IDS])), list(map(int, row[LABEL]))
         return
     fmt = format_of(path)
     if fmt == "jsonl":
@@ -119,18 +163,20 @@ def iter_samples(path: Path, allow_pickle: bool = False) -> Iterator[tuple[list[
             for n, line in enumerate(fh, 1):
                 if line.strip():
                     try:
-                        row = orjson.loads(line)
-                        yield row["input_ids"], row["label"]
-                    except (orjson.JSONDecodeError, KeyError, TypeError) as err:
+                        yield parse_row(line)
+                    except RowError as err:
                         raise ValueError(f"{path}:{n}: not a tokenized sample ({err})") from None
         return
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(columns=["input_ids", "label"]):
+        pf = pq.ParquetFile(path)
+        columns = [INPUT_IDS, label_column(pf.schema_arrow.names) or LABEL]
+        for batch in pf.iter_batches(columns=columns):
             yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
         return
     reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    label = label_column(reader.schema.names) or LABEL
     for i in range(reader.num_record_batches):
         batch = reader.get_batch(i)
-        yield from zip(batch.column("input_ids").to_pylist(), batch.column("label").to_pylist())
+        yield from zip(batch.column(INPUT_IDS).to_pylist(), batch.column(label).to_pylist())
