@@ -4,7 +4,10 @@
         --data_path processed/sft_train.jsonl --output_dir checkpoints/qlora --use_qlora true \
         --peft_config_path configs/lora --bf16 true
 
-Accepts every transformers ``TrainingArguments`` flag plus the recipe's own (``python train.py --help``).
+    python train.py --config configs/train/lora_zero2_qwen3_30b.yaml --data_path d.jsonl --output_dir out
+
+Accepts every transformers ``TrainingArguments`` flag plus the recipe's own (``python train.py --help``);
+``--config RECIPE.yaml`` reads a recipe of configs/train/ first, the flags override it (what the seed scripts do).
 The same engine with a YAML config: ``qwen-sft train CONFIG.yaml [key=value …]``. Configuration problems
 (types, conflicts, missing files or weights) are listed together and exit with code 2, data problems with 1.
 """
@@ -20,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from qwen_sft.train.args import _parser
 
         _parser().print_help()
+        print("\n  --config RECIPE.yaml   a recipe (configs/train/*.yaml) read first; the flags override it")
         return 0
     from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_flags

@@ -53,3 +53,11 @@ wandb_mode() {
              "(upload later with 'wandb sync'); TensorBoard logs are written as well"
     fi
 }
+
+# recipe_defaults NAME=key …: each variable NAME not set in the environment takes the value of `key` in $RECIPE
+# (configs/train/*.yaml, the recipe's one source), so a variable the user sets overrides the recipe.
+recipe_defaults() {
+    local assignments
+    assignments=$("$PYTHON" -m qwen_sft.train.recipe "$RECIPE" "$@") || exit 2
+    eval "$assignments"
+}

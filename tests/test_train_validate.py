@@ -72,9 +72,15 @@ def test_train_py_reads_the_adapter_folder_and_refuses_a_missing_one(tiny_model_
 
 
 def test_scripts_pass_the_adapter_folder():
+    import re
+
+    import yaml
+
     for script in ("qlora_qwen3_30b.sh", "sft_qwencoder_with_lora.sh"):
         text = (REPO / "scripts" / script).read_text()
-        assert "--peft_config_path configs/lora " in text or "--peft_config_path configs/lora)" in text, script
+        # The scripts run their recipe (configs/train/*.yaml, its one source): the folder is set there.
+        recipe = re.search(r"^RECIPE=(\S+)$", text, re.M).group(1)
+        assert yaml.safe_load((REPO / recipe).read_text())["peft_config_path"] == "configs/lora", script
 
 
 # --- typed values ------------------------------------------------------------------------------------------

@@ -21,53 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_sft.data.convert import StrictError, convert_inputs, convert_per_file, scratch_file, split_lines
-from qwen_sft.data.options import ConvertOptions, FieldMap
+from qwen_sft.data.options import DEFAULT_OUTPUT, ConvertOptions, ConvertRun
 from qwen_sft.data.readers import file_format, find_inputs
 from qwen_sft.data.report import print_summary
+from qwen_sft.tokenize.options import TokenizeOptions
 
-DEFAULT_OUTPUT = "./processed/sft_train.jsonl"
-DEFAULT_MODEL = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+# The tokenizer options that --tokenize takes (TokenizeOptions' fields and flags; the rest keep their defaults).
+TOKENIZE_FIELDS = ("model", "max_len", "trust_remote_code")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_to_chatml.py", allow_abbrev=False,
-                                description="Convert raw SFT data (JSONL, JSON, Parquet, CSV/TSV, .gz) to ChatML.")
-    p.add_argument("input", nargs="?", help="input file or directory (searched recursively, sorted order)")
-    p.add_argument("-o", "--output", help=f"output ChatML JSONL (default {DEFAULT_OUTPUT})")
-    p.add_argument("-s", "--system", help="system prompt added only to records without one (no default)")
-    p.add_argument("--split", action="store_true", help="write <base>_train.jsonl and <base>_eval.jsonl")
-    p.add_argument("--eval_ratio", type=float, default=0.1, help="eval share with --split (default 0.1)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the --split draw (default 42)")
-    p.add_argument("--map", action="append", default=[], metavar="TARGET=PATH",
-                   help="field map replacing shape detection: user=, assistant=, system= (repeatable, joined by a "
-                        "blank line), messages=, conversations=, tools=; dotted paths like instances.0.input")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit code 1)")
-    p.add_argument("--reasoning", default="drop", choices=("drop", "keep", "reject"),
-                   help="reasoning content parts: drop (default; Qwen3-Coder never thinks aloud), keep as text, reject")
-    p.add_argument("--wrap_raw_arguments", metavar="KEY",
-                   help="keep tool-call arguments that are not a JSON object as {KEY: value} instead of rejecting")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar even on a terminal")
-    p.add_argument("-t", "--tokenize", action="store_true", help="also tokenize: output holds input_ids/label")
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"tokenizer with --tokenize (default {DEFAULT_MODEL})")
-    p.add_argument("--max_len", type=int, default=2048, help="max tokens per sample with --tokenize (default 2048)")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow the tokenizer's own code (off by default)")
-    legacy = p.add_argument_group("legacy flags (the original script's spelling)")
-    legacy.add_argument("-input_path", "--input_path", dest="input_path", help="= INPUT")
-    legacy.add_argument("-output_path", "--output_path", dest="output_path", help="= -o")
-    legacy.add_argument("-input_dir", "--input_dir", dest="input_dir", help="= INPUT")
-    legacy.add_argument("-output_dir", "--output_dir", dest="output_dir", help="one output per input file in here")
-    legacy.add_argument("-merge", "--merge", dest="merge", action="store_true", help="with -output_dir: also merge all")
-    legacy.add_argument("-merge_output", "--merge_output", dest="merge_output", help="merged file (default -o)")
-    legacy.add_argument("-system_prompt", "--system_prompt", dest="system_prompt", help="= -s")
-    return p
+    from qwen_sft.cli_options import build_parser as build
 
-
-def _pick(problems: list[str], pairs: list[tuple[str, str | None]]) -> str | None:
-    """One value from several spellings of the same option; two different values is a conflict."""
-    given = [(name, v) for name, v in pairs if v is not None]
-    if len({v for _, v in given}) > 1:
-        problems.append(" and ".join(f"{n} {v!r}" for n, v in given) + " conflict; give one")
-    return given[0][1] if given else None
+    return build("convert_to_chatml.py", [ConvertRun, ConvertOptions, (TokenizeOptions, TOKENIZE_FIELDS)],
+                 description="Convert raw SFT data (JSONL, JSON, Parquet, CSV/TSV, .gz) to ChatML.")
 
 
 @dataclass(frozen=True)
@@ -149,53 +116,43 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _run(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    problems: list[str] = []
-    # ---- parse: the new and the legacy spellings of each option
-    source = _pick(problems, [("INPUT", args.input), ("-input_path", args.input_path), ("-input_dir", args.input_dir)])
-    output = Path(_pick(problems, [("-o", args.output), ("-output_path", args.output_path)]) or DEFAULT_OUTPUT)
-    system = _pick(problems, [("-s", args.system), ("-system_prompt", args.system_prompt)])
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    # ---- validate everything before reading data or loading a tokenizer
-    if source is None:
+    from qwen_sft.cli_options import parse
+
+    # ---- parse: every spelling of every option (a conflict between two is a problem), and the dataclasses' checks
+    (run, opts, tok), problems = parse(build_parser(), argv)
+    source = run.input if run else None
+    # ---- validate everything else before reading data or loading a tokenizer
+    if run is None:
+        pass
+    elif source is None:
         problems.append("no input: give a file or directory, e.g. `python convert_to_chatml.py ./raw`")
     elif not Path(source).exists():
         problems.append(f"input {source!r} does not exist")
     elif Path(source).is_file() and file_format(Path(source)) is None:
         problems.append(f"{source!r}: unsupported file type (.jsonl .json .traj .parquet .csv .tsv, or their .gz)")
-    if args.split and not 0 < args.eval_ratio < 1:
-        problems.append(f"--eval_ratio must be between 0 and 1, found {args.eval_ratio}")
-    if out_dir is not None and (args.split or args.tokenize):
-        problems.append("-output_dir (one output per input) cannot be combined with --split or --tokenize; use -o")
-    if (args.merge or args.merge_output) and out_dir is None:
-        problems.append("-merge/-merge_output need -output_dir (without it every input is merged into -o anyway)")
-    if args.max_len < 16:
-        problems.append(f"--max_len must be at least 16, found {args.max_len}")
-    try:
-        fmap = FieldMap.parse(args.map) if args.map else None
-        opts = ConvertOptions(system=system, field_map=fmap, reasoning=args.reasoning,
-                              wrap_raw_arguments=args.wrap_raw_arguments, strict=args.strict,
-                              progress=False if args.no_progress else None)
-    except ValueError as err:
-        problems.append(str(err))
+    if tok is not None and tok.max_len < 16:
+        problems.append(f"--max_len must be at least 16, found {tok.max_len}")
     if problems:
         print("convert_to_chatml: " + "\n  ".join(["cannot start:", *problems]), file=sys.stderr)
         return 2
+    output = Path(run.output or DEFAULT_OUTPUT)
+    out_dir = Path(run.output_dir) if run.output_dir else None
+    system = opts.system
     root = Path(source)
-    paths = OutputPaths.of(output, out_dir, args.tokenize)
+    paths = OutputPaths.of(output, out_dir, run.tokenize)
     tokenize = None
-    if args.tokenize:  # fail early: the tokenizer must load before any record is converted
+    if run.tokenize:  # fail early: the tokenizer must load before any record is converted
         from qwen_sft.tokenizer import TokenizerLoadError, load_data_tokenizer
 
         try:
             from qwen_sft.tokenize.pipeline import tokenize_chatml_file
 
-            load_data_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+            load_data_tokenizer(tok.model, trust_remote_code=tok.trust_remote_code)
         except (TokenizerLoadError, ImportError, ValueError) as err:
             print(f"convert_to_chatml: --tokenize: {err}", file=sys.stderr)
             return 1
         tokenize = tokenize_chatml_file
-    merged = Path(args.merge_output or output) if args.merge or args.merge_output else None
+    merged = Path(run.merge_output or output) if run.merge or run.merge_output else None
     # The merged file may sit inside the input directory (the seed's -merge_output): it is an output, not input.
     own = paths.own() | ({merged.resolve()} if merged is not None else set())
     inputs, skipped = find_inputs(root, own)
@@ -211,7 +168,8 @@ def _run(argv: list[str] | None) -> int:
         return 1
     print(f"{len(inputs)} input file(s) from {root}; system prompt: "
           f"{'-s/--system (only where none)' if system else 'none added'}; shapes: "
-          f"{' '.join('--map ' + m for m in args.map) if args.map else 'detected per record'}", file=sys.stderr)
+          f"{' '.join(f'--map {t}=' + '.'.join(p) for t, p in opts.field_map.entries) if opts.field_map else 'detected per record'}",
+          file=sys.stderr)
     # ---- run
     written: list[Path] = []
     try:
@@ -219,13 +177,13 @@ def _run(argv: list[str] | None) -> int:
             pairs = per_file_outputs(root, inputs, out_dir)
             stats = convert_per_file(pairs, opts, paths.rejects, merged)
             written = [dst for _, dst in pairs] + ([merged] if merged else [])
-        elif args.split:
+        elif run.split:
             with scratch_file(output) as tmp:
                 stats = convert_inputs(inputs, tmp, opts, paths.rejects)
                 dst_train, dst_eval = paths.split_chatml
                 n_written = sum(s.written for s in stats)
-                n_train, n_eval = split_lines(tmp, n_written, dst_train, dst_eval, args.eval_ratio, args.seed)
-            print(f"split (seed {args.seed}, eval_ratio {args.eval_ratio}): {n_train} train, {n_eval} eval",
+                n_train, n_eval = split_lines(tmp, n_written, dst_train, dst_eval, run.eval_ratio, run.seed)
+            print(f"split (seed {run.seed}, eval_ratio {run.eval_ratio}): {n_train} train, {n_eval} eval",
                   file=sys.stderr)
             written = [dst_train, dst_eval]
         else:
@@ -241,7 +199,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"convert_to_chatml: cannot write the output: {_os_error(err)}; nothing was written, "
               "earlier outputs are untouched", file=sys.stderr)
         return 1
-    total_written = print_summary(stats, written, None if args.strict else paths.rejects)
+    total_written = print_summary(stats, written, None if opts.strict else paths.rejects)
     if total_written == 0:
         if sum(s.read for s in stats) == 0:
             print(f"convert_to_chatml: the input holds no records ({len(inputs)} file(s), all empty or blank)",
@@ -254,7 +212,7 @@ def _run(argv: list[str] | None) -> int:
         from qwen_sft.tokenize.pipeline import WorkerDied
         from qwen_sft.tokenize.stats import side_paths
 
-        pairs = paths.tokenize_pairs(args.split)
+        pairs = paths.tokenize_pairs(run.split)
         # The tokenized files of an earlier run are stale now: removed first, so a kill between the train and
         # the eval file leaves a missing file, never a new train beside an old eval.
         for _, dst in pairs:
@@ -262,8 +220,7 @@ def _run(argv: list[str] | None) -> int:
                 stale.unlink(missing_ok=True)
         for src, dst in pairs:
             try:
-                result = tokenize(src, dst, model=args.model, max_len=args.max_len,
-                                  trust_remote_code=args.trust_remote_code)
+                result = tokenize(src, dst, tok)
             except (ValueError, TokenizerLoadError, WorkerDied) as err:
                 print(f"convert_to_chatml: --tokenize {src}: {err}", file=sys.stderr)
                 return 1

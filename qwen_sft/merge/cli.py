@@ -20,6 +20,7 @@ from pathlib import Path
 from qwen_sft.merge.adapter import Adapter, MergeError, find_tokenizer_dir, read_adapter
 from qwen_sft.merge.plan import BaseCheckpoint, plan_merge, read_base
 from qwen_sft.merge.stream import DTYPES
+from qwen_sft.merge.trained_with import TrainConfigError, read_trained_with
 from qwen_sft.merge.verify import ATOL, FLIP_FACTOR, RTOL
 
 OWNER_FILE = ".merge_owner_pid"  # inside the temporary directory: lets a later merge remove it after a kill -9
@@ -75,6 +76,17 @@ def check_paths(out: Path, base: Path, adapter_root: Path) -> None:
         src = src.resolve()
         if out == src or out in src.parents or src in out.parents:
             raise MergeError(f"--output_path {out} overlaps {name} {src}; choose a separate directory")
+
+
+def trained_with(adapter: Adapter, adapter_dir: Path, adapter_root: Path, say: bool) -> None:
+    """Take how the adapter was trained from the run's own train_config.yaml; only without one does the guess
+    from other config files (read_adapter's) stand, and the merge says which it used."""
+    trained = read_trained_with(adapter_dir, adapter_root)
+    if trained.source is not None:
+        adapter.quantized_training = trained.quantized_training
+    if say:
+        print(trained.describe() if trained.source is not None or adapter.quantized_training is None else
+              f"{trained.describe()}: {adapter.quantized_training}")
 
 
 def _summary(adapter: Adapter, plan: dict) -> str:
@@ -144,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     for adapter_dir, sub in jobs:
         try:
             adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
+            trained_with(adapter, adapter_dir, adapter_root, say=True)
             if base is None:
                 continue
             plan = plan_merge(adapter, base)
@@ -154,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: {note}")
             work.append((adapter_dir, sub))
             del adapter, plan  # re-read at merge time: with --all_checkpoints, hold one adapter at a time
-        except MergeError as err:
+        except (MergeError, TrainConfigError) as err:
             errors.append(str(err))
     if errors or base is None:
         raise MergeError("\n".join(errors))
@@ -164,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         (tmp / OWNER_FILE).write_text(str(os.getpid()), encoding="ascii")
         for adapter_dir, sub in work:
             adapter = read_adapter(adapter_dir, fallback_dirs=(adapter_root,) if sub != "." else ())
+            trained_with(adapter, adapter_dir, adapter_root, say=False)
             plan = plan_merge(adapter, base)
             adapter.pairs.clear()  # the plan holds every factor it needs (experts regrouped); free the originals
             target = tmp / sub

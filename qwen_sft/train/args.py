@@ -41,6 +41,17 @@ class ModelArguments:
                           "the file itself: r, lora_alpha, lora_dropout and target_modules. Expert names "
                           "(gate_proj/up_proj/down_proj) are mapped onto the fused expert parameters."},
     )
+    # --- LoRA: peft_config_path is read first (the seed's configs/lora/adapter_config.json), these fields override it
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default: r of peft_config_path). Fused "
+                                                                "gate_up_proj experts get 2r (docs/moe.md)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: lora_alpha of "
+                                                                      "peft_config_path)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "LoRA dropout (default: lora_dropout of "
+                                                                        "peft_config_path)."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "LoRA target module names (default: target_modules of peft_config_path); "
+                                        "gate_proj/up_proj/down_proj reach the fused experts."}
+    )
     use_qlora: bool = field(
         default=False, metadata={"help": "Load the base model in 4-bit (bitsandbytes) and train LoRA on it. "
                                          "Implies --use_peft."}
@@ -116,6 +127,23 @@ class DataArguments:
         _reject_conflicts(self)
 
 
+LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+               "lora_target_modules": "target_modules"}  # our field → adapter_config.json key
+
+
+def lora_config(model_args: object) -> dict:
+    """The LoRA settings a run trains with: ``peft_config_path``'s adapter_config.json with the ``lora_*`` fields
+    on top (ModelArguments, or a dict of option values). Raises OSError/ValueError for a missing or bad file."""
+    from qwen_sft.train.model import read_lora_config
+
+    get = model_args.get if isinstance(model_args, dict) else lambda k: getattr(model_args, k)
+    cfg = dict(read_lora_config(get("peft_config_path")))
+    for ours, key in LORA_FIELDS.items():
+        if get(ours) is not None:
+            cfg[key] = list(get(ours)) if ours == "lora_target_modules" else get(ours)
+    return cfg
+
+
 def _reject_conflicts(args: object) -> None:
     """Built directly in Python: the same checks as the validation pass, on this dataclass's own options, and
     the values parsed the same strict way (``use_qlora="false"`` becomes False, not a truthy string)."""
@@ -135,6 +163,12 @@ def _reject_conflicts(args: object) -> None:
 class RunArguments:
     dry_run: bool = field(
         default=False, metadata={"help": "Parse and validate config and data, print the plan, load no model."}
+    )
+    global_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples per optimizer step over all processes (the LoRA/full scripts' "
+                                        "GLOBAL_BATCH): gradient_accumulation_steps becomes global_batch_size / "
+                                        "(processes x per_device_train_batch_size), which must divide evenly. "
+                                        "Not together with gradient_accumulation_steps."}
     )
     loss_curve: bool = field(default=True, metadata={"help": "Write loss_curve.png into output_dir at the end."})
 
@@ -189,14 +223,28 @@ class RunArguments:
 
 
 @dataclass
-class Config:
-    """Everything a run needs, plus where each explicitly set value came from (flag, config file, override)."""
+class TrainConfig:
+    """Everything a run needs, plus where each explicitly set value came from (flag, config file, override).
+
+    ``training`` (transformers' ``TrainingArguments``) is built on first use, not while parsing: its
+    ``__post_init__`` sets the process's devices up (accelerate's PartialState, under torchrun the process
+    group), which reading a configuration must not do (a dry run, a test, a tool that only inspects it)."""
 
     model: ModelArguments
     data: DataArguments
     run: RunArguments
-    training: object  # transformers.TrainingArguments (imported lazily: it pulls in torch)
+    training_values: dict[str, object]  # typed TrainingArguments values (validate.coerce), recipe defaults included
     origins: dict[str, str]
+    _training: object = field(default=None, repr=False)
+
+    @property
+    def training(self):
+        if self._training is None:
+            self._training = training_arguments(self.training_values)
+        return self._training
+
+
+Config = TrainConfig  # the name before TrainConfig
 
 
 def long_sequence_conflicts(data: DataArguments, run: RunArguments, training: object) -> list[str]:
@@ -241,9 +289,40 @@ def _parser():
     return HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
 
 
-def _finish(values: dict[str, object], origins: dict[str, str], problems: list[str] | None = None) -> Config:
-    """Type-check and cross-check ``values`` (all problems in one ``ConfigError``), then build the dataclasses."""
-    from qwen_sft.train.validate import ConfigError, find_problems
+def world_size() -> int:
+    """Processes of this run as torchrun announces them (1 without torchrun); read, never initialised."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_steps(values: dict[str, object]) -> int:
+    """global_batch_size / (processes x per_device_train_batch_size); validate checks that it divides."""
+    from qwen_sft.train.validate import with_defaults
+
+    v = with_defaults(values)
+    return int(v["global_batch_size"]) // (world_size() * int(v["per_device_train_batch_size"]))
+
+
+def training_arguments(values: dict[str, object]):
+    """transformers' TrainingArguments from typed values. Sets devices up (see TrainConfig): called at first use."""
+    from transformers import TrainingArguments
+
+    from qwen_sft.train.validate import ConfigError
+
+    _init_deepspeed_cpu(values.get("deepspeed"))
+    try:
+        return TrainingArguments(**values)
+    except ValueError as exc:  # TrainingArguments' own checks (e.g. bf16 without a GPU)
+        raise ConfigError([str(exc).strip().splitlines()[0]]) from None
+
+
+def _finish(values: dict[str, object], origins: dict[str, str], problems: list[str] | None = None) -> TrainConfig:
+    """Type-check and cross-check ``values`` (all problems in one ``ConfigError``), then build the dataclasses.
+    Nothing else happens: no device, no process group, no file read beyond the configuration itself."""
+    import dataclasses
+
+    from qwen_sft.train.validate import ConfigError, coerce, find_problems
 
     for key, value in TRAINING_DEFAULTS.items():
         if key not in values:
@@ -254,18 +333,19 @@ def _finish(values: dict[str, object], origins: dict[str, str], problems: list[s
     if problems:
         # Say everything at once: what the files would add (adapter config, model, data paths) as well.
         raise ConfigError(problems + find_problems(values, io=True))
-    from qwen_sft.train.validate import coerce
-
     typed, _ = coerce(values)
     if typed.get("sp_size", 1) > 1:  # Ulysses shards one packed row per micro-batch (its batch size is fixed)
         typed["per_device_train_batch_size"] = 1
         origins["per_device_train_batch_size"] = "sp_size > 1: one packed row per micro-batch"
-    _init_deepspeed_cpu(typed.get("deepspeed"))
-    try:
-        model, data, run, training = _parser().parse_dict(typed, allow_extra_keys=False)
-    except ValueError as exc:  # TrainingArguments' own checks (e.g. bf16 without a GPU)
-        raise ConfigError([str(exc).strip().splitlines()[0]]) from None
-    return Config(model, data, run, training, origins)
+    if typed.get("global_batch_size"):
+        typed["gradient_accumulation_steps"] = accumulation_steps(typed)
+        origins["gradient_accumulation_steps"] = f"global_batch_size {typed['global_batch_size']}"
+    ours = []
+    for cls in (ModelArguments, DataArguments, RunArguments):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        ours.append(cls(**{k: v for k, v in typed.items() if k in names}))
+        typed = {k: v for k, v in typed.items() if k not in names}
+    return TrainConfig(*ours, training_values=typed, origins=origins)
 
 
 def flag_values(argv: list[str]) -> tuple[dict[str, object], list[str]]:
@@ -298,10 +378,20 @@ def flag_values(argv: list[str]) -> tuple[dict[str, object], list[str]]:
     return values, problems
 
 
-def parse_flags(argv: list[str]) -> Config:
-    """``python train.py --model_name_or_path … --output_dir …`` (the seed recipe's interface)."""
+def parse_flags(argv: list[str]) -> TrainConfig:
+    """``python train.py [--config RECIPE.yaml] --model_name_or_path … --output_dir …`` (the seed recipe's
+    interface). ``--config``: a recipe of configs/train/ whose values the flags override."""
     values, problems = flag_values(argv)
-    return _finish(values, {k: "flag" for k in values}, problems)
+    recipe = values.pop("config", None)
+    origins = {k: "flag" for k in values}
+    if recipe is not None:
+        if not isinstance(recipe, str):
+            problems.append(f"--config takes one YAML file, got {recipe!r}")
+        else:
+            loaded = read_yaml(recipe)
+            origins = {**{k: f"config {recipe}" for k in loaded}, **origins}
+            values = {**loaded, **values}
+    return _finish(values, origins, problems)
 
 
 _YAML11_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
@@ -322,16 +412,21 @@ def parse_override(item: str) -> tuple[str, object]:
     return key.strip().lstrip("-").replace("-", "_"), _number(yaml.safe_load(raw)) if raw else ""
 
 
-def parse_yaml(path: str, overrides: list[str]) -> Config:
-    """``qwen-sft train CONFIG.yaml [key=value …]``: flat YAML whose keys are the flags of ``train.py``."""
+def read_yaml(path: str) -> dict[str, object]:
+    """A flat ``option: value`` YAML file (configs/train/, a run's train_config.yaml)."""
     import yaml
 
     with open(path, encoding="utf-8") as fh:
         loaded = yaml.safe_load(fh) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, found {type(loaded).__name__}")
-    values = {k: _number(v) for k, v in loaded.items()}
-    origins = {k: f"config {path}" for k in loaded}
+    return {k: _number(v) for k, v in loaded.items()}
+
+
+def parse_yaml(path: str, overrides: list[str]) -> TrainConfig:
+    """``qwen-sft train CONFIG.yaml [key=value …]``: flat YAML whose keys are the flags of ``train.py``."""
+    values = read_yaml(path)
+    origins = {k: f"config {path}" for k in values}
     for item in overrides:
         key, value = parse_override(item)
         values[key] = value
@@ -339,7 +434,7 @@ def parse_yaml(path: str, overrides: list[str]) -> Config:
     return _finish(values, origins)
 
 
-def describe(config: Config) -> list[str]:
+def describe(config: TrainConfig) -> list[str]:
     """One line per explicitly set value, naming where it came from."""
     lines = []
     for key, origin in sorted(config.origins.items()):

@@ -22,7 +22,7 @@ import torch
 from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as EXPERT_PARAMS
 from qwen_sft.model.checkpoint import FUSED_OF as EXPERT_NAME_MAP  # seed (v4) expert names → fused v5 param
 from qwen_sft.model.load import NOT_QUANTIZED, Quantization, expert_memory_gib, load_causal_lm, mark_moe_leaf_modules  # noqa: F401  (re-exported)
-from qwen_sft.train.args import ModelArguments
+from qwen_sft.train.args import ModelArguments, lora_config
 
 ROUTER_SUFFIX = "mlp.gate"
 
@@ -79,7 +79,7 @@ def expert_lora_spec(model_args: ModelArguments):
     """The engine's expert rank/alpha from the adapter config (gate_up_proj at 2r / 2·alpha, see lora_settings)."""
     from qwen_sft.moe import ExpertLoraSpec
 
-    cfg = read_lora_config(model_args.peft_config_path)
+    cfg = lora_config(model_args)
     targets = cfg.get("target_modules")
     if isinstance(targets, list) and not cfg.get("target_parameters") \
             and not any((t.rsplit(".", 1)[-1] in EXPERT_NAME_MAP or t in EXPERT_PARAMS)
@@ -196,7 +196,7 @@ def apply_lora(model, model_args: ModelArguments, gradient_checkpointing: bool):
     when the expert engine is installed (load_model), its own expert factors (peft never touches experts)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = read_lora_config(model_args.peft_config_path)
+    cfg = lora_config(model_args)  # adapter_config.json with the lora_* options on top
     engine = has_expert_engine(model)
     modules, params = lora_targets(model, list(cfg.get("target_modules") or []))
     params = sorted(set(params) | set(cfg.get("target_parameters") or []))

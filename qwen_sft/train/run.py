@@ -17,7 +17,7 @@ from qwen_sft.checkpoint import SaveError, invalidate, mark_complete
 from qwen_sft.redact import is_secret, redact_line
 from qwen_sft.samples.length import TurnMarks
 from qwen_sft.train import download
-from qwen_sft.train.args import Config, describe, long_sequence_conflicts
+from qwen_sft.train.args import LORA_FIELDS, TrainConfig, describe, lora_config
 from qwen_sft.train.data import DataStats, load_tokenized
 from qwen_sft.train.model import (
     apply_lora,
@@ -29,7 +29,7 @@ from qwen_sft.train.model import (
     parameter_groups,
     resolve_packing,
 )
-from qwen_sft.train.validate import validate
+from qwen_sft.train.validate import lora_checkpointing_default, validate
 
 
 def _wandb_logged_in() -> bool:
@@ -91,7 +91,7 @@ def resolve_resume(training) -> str | None:
     return want
 
 
-def effective_config(config: Config) -> dict:
+def effective_config(config: TrainConfig) -> dict:
     import dataclasses
 
     from transformers import TrainingArguments
@@ -102,11 +102,17 @@ def effective_config(config: Config) -> dict:
     # to_dict() already masks *_token values; secret-named options are left out altogether, so that reading
     # the file back never sends a placeholder as a token (they come from the environment or a flag again).
     training = {k: v for k, v in config.training.to_dict().items() if defaults.get(k) != v and not k.startswith("_")}
-    values = {**asdict(config.model), **asdict(config.data), **asdict(config.run), **training}
+    if config.run.global_batch_size:  # derived from the processes of this run: recomputed when read back
+        training.pop("gradient_accumulation_steps", None)
+    model = asdict(config.model)
+    if config.model.use_peft:  # the LoRA settings as trained (adapter config + lora_* options), for merge to read
+        lora = lora_config(config.model)
+        model.update({ours: lora.get(key) for ours, key in LORA_FIELDS.items()})
+    values = {**model, **asdict(config.data), **asdict(config.run), **training}
     return {k: v for k, v in values.items() if not is_secret(k, v)}
 
 
-def write_artifacts(out: Path, config: Config, stats: dict, groups: dict | None, tokenizer) -> None:
+def write_artifacts(out: Path, config: TrainConfig, stats: dict, groups: dict | None, tokenizer) -> None:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +132,7 @@ def write_artifacts(out: Path, config: Config, stats: dict, groups: dict | None,
             fh.write(tokenizer.chat_template)
 
 
-def run(config: Config) -> dict:
+def run(config: TrainConfig) -> dict:
     """Train as configured; return the final metrics plus ``model`` (the trained, in-memory model), or
     the plan for ``dry_run``."""
     from transformers import AutoConfig
@@ -151,16 +157,16 @@ def run(config: Config) -> dict:
     d.packing = resolve_packing(model_config, d.packing)  # off for linear-attention models (qwen3_next)
     # TrainingArguments resolves an unset gradient_checkpointing to False (never None) and Trainer reads the
     # activation_checkpointing* names: decide the LoRA default from whether the user set either name.
-    if m.use_peft and not {"gradient_checkpointing", "activation_checkpointing"} & set(config.origins):
+    if lora_checkpointing_default(config):
         t.activation_checkpointing = t.gradient_checkpointing = True
         log("gradient_checkpointing=True (default for LoRA/QLoRA)")
     if t.activation_checkpointing:
         # Non-reentrant: works with frozen inputs and with the MoE's data-dependent routing.
         kwargs = {"use_reentrant": False, **(t.activation_checkpointing_kwargs or {})}
         t.activation_checkpointing_kwargs = t.gradient_checkpointing_kwargs = kwargs
-    conflicts = long_sequence_conflicts(d, r, t)
-    if conflicts:
-        raise ValueError("conflicting options:\n  " + "\n  ".join(conflicts))
+    if r.global_batch_size:
+        log(f"global batch: {t.world_size} processes x micro batch {t.per_device_train_batch_size} x accu "
+            f"{t.gradient_accumulation_steps} = {r.global_batch_size}")
     datasets, stats = {}, {}
     made_by = tokenizer_fingerprint(tokenizer)  # the tokenizer saved beside the adapter; data must match it
     with t.main_process_first(desc="convert and validate data"):

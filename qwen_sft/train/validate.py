@@ -195,6 +195,12 @@ def _range_problems(v: Mapping[str, object]) -> list[str]:
         out.append(f"num_train_epochs={v['num_train_epochs']} and max_steps={v['max_steps']}: nothing to train")
     if v["model_max_length"] < 2:
         out.append(f"model_max_length must be >= 2, got {v['model_max_length']}")
+    if v["lora_r"] is not None and v["lora_r"] < 1:
+        out.append(f"lora_r must be >= 1, got {v['lora_r']}")
+    if v["lora_alpha"] is not None and v["lora_alpha"] <= 0:
+        out.append(f"lora_alpha must be > 0, got {v['lora_alpha']}")
+    if v["lora_dropout"] is not None and not 0 <= v["lora_dropout"] < 1:
+        out.append(f"lora_dropout must be in [0, 1), got {v['lora_dropout']}")
     if v["router_aux_loss_coef"] is not None and v["router_aux_loss_coef"] < 0:
         out.append(f"router_aux_loss_coef must be >= 0, got {v['router_aux_loss_coef']}")
     return out
@@ -210,6 +216,23 @@ def _conflicts(v: Mapping[str, object]) -> list[str]:
     if v["bf16"] and v["fp16"]:
         out.append("bf16=True and fp16=True: choose one mixed precision")
     return out
+
+
+def _global_batch_problems(given: Mapping[str, object], v: Mapping[str, object]) -> list[str]:
+    """global_batch_size = processes x per_device_train_batch_size x gradient_accumulation_steps, exactly."""
+    from qwen_sft.train.args import world_size
+
+    if not v.get("global_batch_size"):
+        return []
+    if "gradient_accumulation_steps" in given:
+        return [f"global_batch_size={v['global_batch_size']} sets gradient_accumulation_steps; "
+                f"gradient_accumulation_steps={v['gradient_accumulation_steps']} was given too: give one"]
+    per_step = world_size() * v["per_device_train_batch_size"]
+    if v["global_batch_size"] % per_step:
+        return [f"global_batch_size={v['global_batch_size']} is not a multiple of {world_size()} processes x "
+                f"per_device_train_batch_size={v['per_device_train_batch_size']} (= {per_step}): change GLOBAL_BATCH "
+                f"or MICRO_BATCH"]
+    return []
 
 
 def _deepspeed_stage(v: Mapping[str, object], problems: list[str]) -> int | None:
@@ -269,8 +292,8 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     """Model config, weights present, engine constraints and LoRA targets. Returns what later steps need."""
     from transformers import AutoConfig
 
+    from qwen_sft.train.args import lora_config
     from qwen_sft.train.download import download_command, is_hub_id, locate_model
-    from qwen_sft.train.model import read_lora_config
 
     found = locate_model(v["model_name_or_path"], v["cache_dir"])
     warning = None
@@ -283,7 +306,7 @@ def _model_problems(v: Mapping[str, object], problems: list[str]) -> dict:
     lora = None
     if v["use_peft"] or v["use_qlora"]:
         try:
-            lora = read_lora_config(v["peft_config_path"])
+            lora = lora_config(v)
         except (OSError, ValueError) as exc:
             problems.append(str(exc))
     stage = _deepspeed_stage(v, problems)
@@ -325,11 +348,29 @@ def find_problems(values: Mapping[str, object], io: bool = True) -> list[str]:
     what the values themselves say (types, ranges, conflicts), reading no file."""
     typed, problems = coerce(values)
     v = with_defaults(typed)  # an option whose type check failed is listed above and checked at its default
-    problems += _range_problems(v) + _conflicts(v)
+    problems += _range_problems(v) + _conflicts(v) + _global_batch_problems(typed, v)
     if io:
         problems += _data_problems(v)
         _model_problems(v, problems)
     return problems
+
+
+def lora_checkpointing_default(config) -> bool:
+    """LoRA/QLoRA turn gradient checkpointing on unless either of its names was set (run.py applies it)."""
+    return bool(config.model.use_peft) and not {"gradient_checkpointing", "activation_checkpointing"} & set(
+        config.origins)
+
+
+def _run_problems(config) -> list[str]:
+    """The long-sequence options against the rest, with the checkpointing the run will have."""
+    import types as _types
+
+    from qwen_sft.train.args import long_sequence_conflicts
+
+    t = config.training
+    checkpointing = bool(getattr(t, "activation_checkpointing", False) or getattr(t, "gradient_checkpointing", False))
+    effective = _types.SimpleNamespace(activation_checkpointing=checkpointing or lora_checkpointing_default(config))
+    return long_sequence_conflicts(config.data, config.run, effective)
 
 
 def validate(config) -> dict:
@@ -344,7 +385,7 @@ def validate(config) -> dict:
     recipe = {**dataclasses.asdict(config.model), **dataclasses.asdict(config.data), **dataclasses.asdict(config.run)}
     typed, problems = coerce(recipe)
     v = {**with_defaults({}), **training, **typed}
-    problems += _range_problems(v) + _conflicts(v) + _data_problems(v)
+    problems += _range_problems(v) + _conflicts(v) + _data_problems(v) + _run_problems(config)
     info = _model_problems(v, problems)
     if problems:
         raise ConfigError(problems)
