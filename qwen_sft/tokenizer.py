@@ -228,9 +228,9 @@ def _load_light_cached(name_or_path: str, load_light):
         return load_light(name_or_path)
     # A hub name: the tokenizer files only, through huggingface_hub (its cache, HF_HUB_OFFLINE, HF_TOKEN), as
     # AutoTokenizer would fetch them; any failure goes to transformers, whose error names the fix.
-    from huggingface_hub import snapshot_download
+    from qwen_sft.model.checkpoint import download_files
 
-    return load_light(snapshot_download(repo_id=name_or_path, allow_patterns=HUB_TOKENIZER_FILES), name=name_or_path)
+    return load_light(str(download_files(name_or_path, HUB_TOKENIZER_FILES)), name=name_or_path)
 
 
 @lru_cache(maxsize=8)

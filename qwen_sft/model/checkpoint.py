@@ -130,6 +130,14 @@ def download_snapshot(repo_id: str, cache_dir: str | None) -> Path:
                             f"download it by hand: {download_command(repo_id, cache_dir)}") from exc
 
 
+def download_files(repo_id: str, patterns: list[str], cache_dir: str | None = None) -> Path:
+    """Only the files matching ``patterns`` (a tokenizer's, say) from the cache or the Hub, as huggingface_hub
+    fetches them (its cache, ``HF_HUB_OFFLINE``, ``HF_TOKEN``); its own error when they cannot be had."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+
+
 def resolve_model_dir(name_or_path: str | Path, cache_dir: str | None = None, *, download: bool = False,
                       where: str | None = None) -> Path:
     """The directory holding ``name_or_path``'s config and weights (see the module doc for the policy).
