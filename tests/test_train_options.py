@@ -68,6 +68,19 @@ def test_global_batch_conflicts_are_validation_problems(monkeypatch):
                      "--gradient_accumulation_steps", "4"])
 
 
+def test_global_batch_counts_data_parallel_groups_under_sp(monkeypatch):
+    """4 processes in sp_size 2 groups are 2 data-parallel groups of one packed row each: accumulation 8 / 2 = 4."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    flags = ["--output_dir", "o", "--use_cpu", "true", "--deepspeed", str(REPO / "configs/zero2.json"),
+             "--sp_size", "2", "--max_tokens_per_batch", "64", "--global_batch_size"]
+    config = parse_flags(flags + ["8"])
+    assert config.training_values["gradient_accumulation_steps"] == 4
+    with pytest.raises(ConfigError) as err:
+        parse_flags(flags + ["7"])
+    assert "is not a multiple of 2 data-parallel groups (processes / sp_size 2) x per_device_train_batch_size=1" \
+        in str(err.value)
+
+
 def test_long_sequence_conflicts_are_part_of_the_one_validation(tiny_model_dir, tmp_path):
     """They used to be raised later, on their own; validate() now lists them with every other problem."""
     from qwen_sft.train.validate import validate

@@ -296,12 +296,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def data_parallel_size(values) -> int:
+    """Processes that see different batches: all of them, over the ``sp_size`` ranks that share one sequence."""
+    return max(1, world_size() // max(1, int(values.get("sp_size", 1) or 1)))
+
+
+def samples_per_step(values) -> int:
+    """Rows per optimizer micro-step over all data-parallel groups (under SP one packed row per group)."""
+    micro = 1 if int(values.get("sp_size", 1) or 1) > 1 else int(values["per_device_train_batch_size"])
+    return data_parallel_size(values) * micro
+
+
 def accumulation_steps(values: dict[str, object]) -> int:
-    """global_batch_size / (processes x per_device_train_batch_size); validate checks that it divides."""
+    """global_batch_size / (data-parallel groups x per_device_train_batch_size); validate checks that it divides."""
     from qwen_sft.train.validate import with_defaults
 
-    v = with_defaults(values)
-    return int(v["global_batch_size"]) // (world_size() * int(v["per_device_train_batch_size"]))
+    return int(values["global_batch_size"]) // samples_per_step(with_defaults(values))
 
 
 def training_arguments(values: dict[str, object]):

@@ -165,7 +165,9 @@ def run(config: TrainConfig) -> dict:
         kwargs = {"use_reentrant": False, **(t.activation_checkpointing_kwargs or {})}
         t.activation_checkpointing_kwargs = t.gradient_checkpointing_kwargs = kwargs
     if r.global_batch_size:
-        log(f"global batch: {t.world_size} processes x micro batch {t.per_device_train_batch_size} x accu "
+        groups = t.world_size // max(1, r.sp_size)
+        sp = f" (of {t.world_size} processes, sp_size {r.sp_size})" if r.sp_size > 1 else ""
+        log(f"global batch: {groups} processes{sp} x micro batch {t.per_device_train_batch_size} x accu "
             f"{t.gradient_accumulation_steps} = {r.global_batch_size}")
     datasets, stats = {}, {}
     made_by = tokenizer_fingerprint(tokenizer)  # the tokenizer saved beside the adapter; data must match it

@@ -220,18 +220,19 @@ def _conflicts(v: Mapping[str, object]) -> list[str]:
 
 def _global_batch_problems(given: Mapping[str, object], v: Mapping[str, object]) -> list[str]:
     """global_batch_size = processes x per_device_train_batch_size x gradient_accumulation_steps, exactly."""
-    from qwen_sft.train.args import world_size
+    from qwen_sft.train.args import data_parallel_size, samples_per_step
 
     if not v.get("global_batch_size"):
         return []
     if "gradient_accumulation_steps" in given:
         return [f"global_batch_size={v['global_batch_size']} sets gradient_accumulation_steps; "
                 f"gradient_accumulation_steps={v['gradient_accumulation_steps']} was given too: give one"]
-    per_step = world_size() * v["per_device_train_batch_size"]
+    per_step = samples_per_step(v)
     if v["global_batch_size"] % per_step:
-        return [f"global_batch_size={v['global_batch_size']} is not a multiple of {world_size()} processes x "
-                f"per_device_train_batch_size={v['per_device_train_batch_size']} (= {per_step}): change GLOBAL_BATCH "
-                f"or MICRO_BATCH"]
+        dp, sp = data_parallel_size(v), int(v.get("sp_size", 1) or 1)
+        groups = f"{dp} processes" if sp == 1 else f"{dp} data-parallel groups (processes / sp_size {sp})"
+        return [f"global_batch_size={v['global_batch_size']} is not a multiple of {groups} x "
+                f"per_device_train_batch_size={per_step // dp} (= {per_step}): change GLOBAL_BATCH or MICRO_BATCH"]
     return []
 
 
