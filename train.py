@@ -25,22 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         print("\n  --config RECIPE.yaml   a recipe (configs/train/*.yaml) read first; the flags override it")
         return 0
-    from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_flags
-    from qwen_sft.train.data import DataError
-    from qwen_sft.train.run import SaveError, run
-    from qwen_sft.train.validate import ConfigError
+    from qwen_sft.train.cli import run_and_report
 
-    try:
-        run(parse_flags(argv))
-    except ConfigError as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        return 2
-    except (DataError, SaveError, RehearsalError) as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_and_report("train.py", lambda: parse_flags(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,27 +20,33 @@ def main(argv: list[str] | None = None) -> int:
 
         _parser().print_help()
         return 0 if argv else 2
-    from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.args import parse_yaml
+
+    return run_and_report("qwen-sft train", lambda: parse_yaml(argv[0], argv[1:]))
+
+
+def run_and_report(prog: str, make_config) -> int:
+    """Build the config, train; one line per problem on stderr. Exit 2: configuration (types, conflicts, missing
+    files or weights, an unreadable YAML); 1: data, saving or the rehearsal; 0: trained. Both entry points use it."""
+    from qwen_sft.trace.rehearse import RehearsalError
     from qwen_sft.train.data import DataError
     from qwen_sft.train.run import SaveError, run
     from qwen_sft.train.validate import ConfigError
 
     try:
-        config = parse_yaml(argv[0], argv[1:])
+        config = make_config()
     except (ValueError, OSError) as exc:  # ConfigError, or the YAML file itself
-        print(f"qwen-sft train: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     try:
         run(config)
     except ConfigError as exc:
-        print(f"qwen-sft train: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except (DataError, SaveError, RehearsalError) as exc:
-        print(f"qwen-sft train: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
