@@ -31,13 +31,14 @@ DEFAULTS = {"chunked_loss": "1", "optim": "adamw_torch", "foreach": "none", "lor
             "loss_chunk": "1024", "adapter": "fused", "tile_rows": "65536"}
 
 
-def parse_setting(text: str) -> tuple[str, dict[str, str]]:
+def parse_setting(text: str, defaults: dict[str, str] = DEFAULTS) -> tuple[str, dict[str, str]]:
+    """``NAME:key=value,…`` → (NAME, ``defaults`` with those keys replaced); an unknown key ends the run."""
     name, _, body = text.partition(":")
-    opts = dict(DEFAULTS)
+    opts = dict(defaults)
     for kv in filter(None, body.split(",")):
         k, _, v = kv.partition("=")
-        if k not in DEFAULTS:
-            raise SystemExit(f"setting {name!r}: unknown key {k!r} (known: {', '.join(DEFAULTS)})")
+        if k not in defaults:
+            raise SystemExit(f"setting {name!r}: unknown key {k!r} (known: {', '.join(defaults)})")
         opts[k] = v
     return name, opts
 

@@ -34,14 +34,9 @@ DEFAULTS = {"r": "8", "routed": "1", "routed_r": "", "shared_gate": "1", "offloa
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
-    name, _, body = text.partition(":")
-    opts = dict(DEFAULTS)
-    for kv in filter(None, body.split(",")):
-        k, _, v = kv.partition("=")
-        if k not in DEFAULTS:
-            raise SystemExit(f"setting {name!r}: unknown key {k!r} (known: {', '.join(DEFAULTS)})")
-        opts[k] = v
-    return name, opts
+    from bench.mem_levers import parse_setting as parse
+
+    return parse(text, DEFAULTS)
 
 
 def adapter_config(opts: dict[str, str]) -> dict:
