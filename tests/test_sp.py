@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, run_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,22 +135,9 @@ def test_packed_sdpa_equals_the_block_diagonal_mask():
 # --- two ranks, one sequence ----------------------------------------------------------------------------------
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def _run(cmd: list[str], env: dict, timeout: int) -> str:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-6000:]
+    code, out = run_group(cmd, env, REPO, timeout)
+    assert code == 0, out[-6000:]
     return out
 
 
@@ -177,7 +162,7 @@ def test_sp2_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
               "save_strategy='no'", "report_to=none", f"data_path={data}", f"model_name_or_path={tiny_model_dir}",
               f"data_cache_dir={tmp_path / 'cache'}", "loss_chunk_tokens=8", "deepspeed=configs/zero2.json",
               "max_grad_norm=1.0", "loss_curve=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_PORT": _free_port(),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_PORT": free_port(),
            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     config = str(REPO / "configs/train/lora_tiny_cpu.yaml")
     runs = {}
