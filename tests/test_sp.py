@@ -76,6 +76,24 @@ def test_sp_option_conflicts_in_one_line(tmp_path):
     assert ok.origins["per_device_train_batch_size"] == "sp_size > 1: one packed row per micro-batch"
 
 
+def test_the_validation_pass_sees_the_deepspeed_of_the_config(tiny_model_dir, tmp_path, monkeypatch):
+    """validate() checks the SP options on the parsed values (TrainingArguments is built later): it saw no
+    deepspeed there once, and refused every SP run under torchrun."""
+    from qwen_sft.train.args import parse_flags
+    from qwen_sft.train.validate import ConfigError, validate
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process: "sp_size must divide" is expected, not this
+    config = parse_flags(["--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(tiny_model_dir),
+                          "--data_path", str(tmp_path / "none.jsonl"), "--sp_size", "2",
+                          "--deepspeed", "configs/zero2.json", "--max_tokens_per_batch", "64"])
+    try:
+        validate(config)
+        message = ""
+    except ConfigError as err:
+        message = str(err)
+    assert "needs DeepSpeed" not in message, message
+
+
 def test_sp_validation_pass_reads_the_model_config(tiny_model_dir, tmp_path, monkeypatch):
     from qwen_sft.train.validate import find_problems
 

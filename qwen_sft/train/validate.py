@@ -368,9 +368,10 @@ def _run_problems(config) -> list[str]:
 
     from qwen_sft.train.args import long_sequence_conflicts
 
-    t = config.training
-    checkpointing = bool(getattr(t, "activation_checkpointing", False) or getattr(t, "gradient_checkpointing", False))
-    effective = _types.SimpleNamespace(activation_checkpointing=checkpointing or lora_checkpointing_default(config))
+    t = config.training_values  # the values, not TrainingArguments: validating sets no device up
+    checkpointing = bool(t.get("activation_checkpointing") or t.get("gradient_checkpointing"))
+    effective = _types.SimpleNamespace(activation_checkpointing=checkpointing or lora_checkpointing_default(config),
+                                       deepspeed=t.get("deepspeed"))
     return long_sequence_conflicts(config.data, config.run, effective)
 
 
