@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 IM_END = 151645
 WORDS = "def return value list for loop python code function class import print sort key".split()
@@ -60,3 +61,35 @@ def run_group(cmd: list[str], env: dict, cwd: Path, timeout: int) -> tuple[int, 
         out, _ = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
     return proc.returncode, out
+
+
+# Per-expert MoE experts (the Hub / vLLM layout), for export tests of both architectures.
+class Expert(torch.nn.Module):
+    def __init__(self, hidden: int, inter: int, act):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PerExpertExperts(torch.nn.ModuleList):
+    """Drop-in for transformers' fused Qwen3MoeExperts: same call, one torch.nn.Linear triple per expert."""
+
+    def __init__(self, config):
+        from transformers.activations import ACT2FN
+
+        super().__init__(Expert(config.hidden_size, config.moe_intermediate_size, ACT2FN[config.hidden_act])
+                         for _ in range(config.num_experts))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, pos = torch.where(top_k_index == e)
+            if token_idx.numel():
+                y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, pos, None]
+                out.index_add_(0, token_idx, y.to(out.dtype))
+        return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers import PerExpertExperts
 
 from qwen_sft.export.vllm_adapter import ExportError, export_vllm_adapter
 from qwen_sft.export.vllm_adapter import main as export_main
@@ -22,37 +22,6 @@ from qwen_sft.moe import ExpertLoraSpec
 
 SPEC = TinySpec(layers=2, hidden=64, experts=8, active=2, moe_intermediate=32)
 IDS = torch.randint(0, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-class Expert(nn.Module):
-    def __init__(self, hidden: int, inter: int, act):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-        self.act = act
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class PerExpertExperts(nn.ModuleList):
-    """Drop-in for transformers' fused Qwen3MoeExperts: same call, one nn.Linear triple per expert."""
-
-    def __init__(self, config):
-        from transformers.activations import ACT2FN
-
-        super().__init__(Expert(config.hidden_size, config.moe_intermediate_size, ACT2FN[config.hidden_act])
-                         for _ in range(config.num_experts))
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e, expert in enumerate(self):
-            token_idx, pos = torch.where(top_k_index == e)
-            if token_idx.numel():
-                y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, pos, None]
-                out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
 
 
 def per_expert_model(checkpoint: Path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PerExpertExperts
 
 pytest.importorskip("gguf")
 
@@ -41,36 +42,6 @@ def test_gguf_refuses_qwen3_next_naming_what_is_missing(next_dir, tmp_path, caps
     assert "Gated DeltaNet" in capsys.readouterr().err
 
 
-class _Expert(torch.nn.Module):
-    def __init__(self, hidden: int, inter: int, act):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
-        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
-        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
-        self.act = act
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class _PerExpertExperts(torch.nn.ModuleList):
-    """transformers' fused Qwen3NextExperts as one nn.Linear triple per expert: the layout vLLM serves LoRA on."""
-
-    def __init__(self, config):
-        from transformers.activations import ACT2FN
-
-        super().__init__(_Expert(config.hidden_size, config.moe_intermediate_size, ACT2FN[config.hidden_act])
-                         for _ in range(config.num_experts))
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e, expert in enumerate(self):
-            token_idx, pos = torch.where(top_k_index == e)
-            if token_idx.numel():
-                out.index_add_(0, token_idx, (expert(hidden_states[token_idx]) * top_k_weights[token_idx, pos, None]))
-        return out
-
-
 def _per_expert_model(checkpoint):
     from safetensors.torch import load_file
     from transformers import AutoConfig, Qwen3NextForCausalLM
@@ -78,7 +49,7 @@ def _per_expert_model(checkpoint):
     config = AutoConfig.from_pretrained(checkpoint)
     model = Qwen3NextForCausalLM(config)
     for layer in model.model.layers:
-        layer.mlp.experts = _PerExpertExperts(config)
+        layer.mlp.experts = PerExpertExperts(config)
     model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)  # per expert, no fusing
     model.config.model_type = "qwen3_next_per_expert"  # keep peft's v4 -> v5 expert rename away (see test_export_adapter)
     return model.float().eval()
