@@ -14,7 +14,10 @@ attention, Gated DeltaNet projections and shared expert). The trace's layer fit 
 - ``routed`` (0/1): LoRA on every routed expert; ``routed_r``: their rank (default ``r``). As in the shipped
   adapters, gate_proj + up_proj at rank r become the fused gate_up_proj at rank 2r, down_proj at r;
 - ``shared_gate`` (0/1): LoRA on ``shared_expert_gate`` (default 1);
-- ``offload`` (0/1), ``loss_chunk``, ``optim``, ``lora_dtype``, ``layers`` (fit/all): as bench/mem_levers.py.
+- ``offload`` (0/1), ``loss_chunk``, ``optim``, ``lora_dtype``, ``layers`` (fit/all): as bench/mem_levers.py;
+  ``layers=N`` traces the first N decoder layers only and prints that prefix's step peak, not extrapolated, with
+  the trace's CPU seconds: a 32K step is costly to trace (the Gated DeltaNet's torch fallback loops over 64-token
+  chunks), and one 4-layer block at 32K tells what the 4 + 8 layer fit will cost.
 """
 
 from __future__ import annotations
@@ -75,6 +78,29 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
     return m, time.perf_counter() - t0
 
 
+def run_block(config, opts: dict[str, str], seq: int, tmp: Path) -> dict:
+    """``layers=N``: one trace of the first N layers (the fit's first half, when N is a block), no extrapolation."""
+    from bench.mem_levers import loss_fn, patched_trace
+    from qwen_sft.trace import StepPlan
+    from qwen_sft.trace.run import trace
+    from qwen_sft.train.args import ModelArguments
+
+    adapter = tmp / "adapter_config.json"
+    adapter.write_text(json.dumps(adapter_config(opts)))
+    model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
+                                lora_dtype=opts["lora_dtype"])
+    plan = StepPlan(seq=seq, loss_fn=loss_fn(True, opts["offload"] == "1", int(opts["loss_chunk"])))
+    t0, c0 = time.perf_counter(), time.process_time()
+    with patched_trace(None, int(opts["chunk_experts"])):
+        t = trace(config, model_args, plan=plan, gradient_checkpointing=True, optim=opts["optim"],
+                  layers=int(opts["layers"]))
+    r = t.result
+    return {"peak": r.peak_bytes, "peak_phase": r.peak_phase, "breakdown": r.breakdown, "phase_peaks": r.phase_peaks,
+            "static": t.static, "trainable": t.trainable, "traced": f"first {t.layers} layers only",
+            "build_seconds": round(t.build_seconds, 1), "step_seconds": round(r.seconds, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="config.json of the model (configs/models/qwen3-coder-next.json, or a tiny one)")
@@ -94,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     for seq in a.seq or [2048]:
         for text in a.settings or ["all:"]:
             name, opts = parse_setting(text)
+            if opts["layers"].isdigit():
+                with tempfile.TemporaryDirectory() as tmp:
+                    row = {"name": name, "seq": seq, "opts": opts, **run_block(config, opts, seq, Path(tmp))}
+                rows.append(row)
+                print(f"{name:<16} seq {seq:>6}: {row['traced']}: peak {row['peak'] / GiB:6.2f} GiB at the "
+                      f"{row['peak_phase']}  ({row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU)", flush=True)
+                for k, v in row["breakdown"].items():
+                    print(f"    {k:<52}{v / GiB:8.3f}")
+                if a.json:
+                    Path(a.json).write_text(json.dumps(rows, indent=1))
+                continue
             with tempfile.TemporaryDirectory() as tmp:
                 m, secs = run_setting(config, opts, seq, Path(tmp))
             rep = m.report
