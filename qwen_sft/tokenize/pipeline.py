@@ -283,8 +283,8 @@ def _options(options: TokenizeOptions | None, fields: dict[str, Any]) -> Tokeniz
 
 
 def _progress_bar(src: Path, enabled: bool):
-    from tqdm import tqdm
+    from qwen_sft.progress import progress_bar
 
-    return tqdm(desc=f"tokenize {src.name}", unit=" rec", disable=not enabled or not sys.stderr.isatty(),
-                file=sys.stderr, mininterval=1.0)
+    return progress_bar(desc=f"tokenize {src.name}", unit=" rec", disable=not enabled or not sys.stderr.isatty(),
+                        file=sys.stderr, mininterval=1.0)
 
