@@ -36,7 +36,8 @@ class TokenizeOptions:
         "over-length samples: drop and count them, or cut them after the last whole turn that fits"))
     workers: int = option(1, "--workers", "-workers", help="tokenizing processes (output is identical for any number)")
     engine: Engine = option("auto", "--engine", help=(
-        "encoder: tiktoken when verified identical to the HF tokenizer (auto), or force one"))
+        "encoder: tiktoken when verified identical to the HF tokenizer and the input is 256 KiB or more (auto), "
+        "or force one"))
     tiktoken_min_bytes: int = option(256 << 10, help=(
         "with engine auto, an input file smaller than this is encoded by the HF tokenizer alone: building the "
         "tiktoken encoder costs ~0.3 s, more than it saves on a file this small (the ids are the same)"), cli=False)

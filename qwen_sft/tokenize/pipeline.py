@@ -61,9 +61,11 @@ def _init(opts: TokenizeOptions, paths: tuple[bool, bool, bool]) -> None:
         _WORKER.renderer.plain, _WORKER.renderer.fast = plain, fast
 
 
-def _make_sample_tokenizer(opts: TokenizeOptions, engine: str) -> SampleTokenizer:
+def _make_sample_tokenizer(opts: TokenizeOptions, engine: str | None = None) -> SampleTokenizer:
+    """The options' tokenizer, with ``engine`` (default ``opts.engine``) for its encoder."""
     tok = load_data_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
-    return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength, engine=engine)
+    return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength,
+                           engine=engine or opts.engine)
 
 
 def _engine(opts: TokenizeOptions, src: Path) -> str:
