@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,11 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
         lines.pop()
     if "\r" in text:
         lines = [line.removesuffix("\r") for line in lines]
-    merges = [tuple(line.split(" ")) for line in lines if not line.startswith("#version")]
-    bad = next((n for n, pair in enumerate(merges, 1) if len(pair) != 2), None)
-    if bad is not None:
+    if "#version" in text:
+        lines = [line for line in lines if not line.startswith("#version")]
+    merges = list(map(tuple, map(methodcaller("split", " "), lines)))
+    if set(map(len, merges)) - {2}:
+        bad = next(n for n, pair in enumerate(merges, 1) if len(pair) != 2)
         raise Unsupported(f"{path}: merge {bad} is not two tokens separated by one space")
     return merges
 
