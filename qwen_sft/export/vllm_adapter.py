@@ -40,6 +40,8 @@ from qwen_sft.merge.adapter import CONFIG_FILE, WEIGHTS_FILE, MergeError, read_a
 from qwen_sft.merge.plan import _scaling
 from qwen_sft.model.checkpoint import (
     EXPERT_PROJS,
+    expert_lora_param,
+    expert_lora_params,
     expert_module,
     gate_up_rows,
     lora_key,
@@ -113,19 +115,17 @@ def _group_keys(path: Path, header: dict[str, tuple[tuple[int, ...], str]]) -> l
 
 def _resolve(path: Path, cfg: dict, pairs: list[_Pair]) -> tuple[list[_Pair], dict[str, tuple[_Pair, _Pair]], int]:
     """Split pairs into plain linear ones and fused expert layers; resolve ranks / scales; find num_experts."""
-    targets = [t.rsplit(".", 1)[-1] for t in cfg.get("target_parameters") or []]
+    targets = cfg.get("target_parameters")
     linear, fused_by_module = [], {}
     problems = []
     for p in pairs:
         depth = p.depth
-        tail = p.module.rsplit(".", 1)[-1]
-        if tail == "experts" and targets:
-            # peft wraps the listed target_parameters in order, the first innermost (most base_layer. parts).
-            idx = len(targets) - 1 - depth
-            if not 0 <= idx < len(targets) or targets[idx] not in FUSED_PARAMS:
-                problems.append(f"{p.module}: nesting depth {depth} does not match target_parameters {targets}")
+        if expert_lora_params(p.module, targets):  # a fused experts module: its nesting names the parameter
+            try:
+                p.param = expert_lora_param(p.module, depth, targets)
+            except ValueError as err:
+                problems.append(str(err))
                 continue
-            p.param = targets[idx]
             fused_by_module.setdefault(p.module, {})[p.param] = p
         else:
             if depth:

@@ -29,6 +29,7 @@ from qwen_sft.model.checkpoint import (
     ModelNotFound,
     count_experts,
     expert_key,
+    expert_lora_param,
     gate_up_rows,
     peft_to_per_expert,
     read_index,
@@ -161,17 +162,21 @@ def _plan_experts(adapter: Adapter, base: BaseCheckpoint, pair, plan: dict[str, 
     inter, H = base.info[expert_key(module, 0, "gate_proj")][0]
     if A.shape[0] % E:
         return [f"{module}: lora_A has {A.shape[0]} rows, not a multiple of num_experts={E} (wrong base?)"]
-    if A.shape[1] == H and B.shape[0] == 2 * inter:
-        param = "gate_up_proj"
-        parts = gate_up_rows(inter)
-    elif A.shape[1] == inter and B.shape[0] == H:
-        param, parts = "down_proj", [("down_proj", None)]
-    else:
+    try:  # which fused parameter this pair adapts is decided by peft's nesting, the shapes only cross-check it
+        param = expert_lora_param(module, pair.depth, adapter.config.get("target_parameters"))
+    except ValueError as err:
+        return [f"{err} (corrupted adapter_config.json?)"]
+    fits = {"gate_up_proj": (H, 2 * inter), "down_proj": (inter, H)}  # (in, out) of the base experts
+    fit = [p for p, in_out in fits.items() if in_out == (A.shape[1], B.shape[0])]
+    if not fit:
         return [f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} fit neither gate_up_proj "
                 f"(in {H}, out {2 * inter}) nor down_proj (in {inter}, out {H}) of the base experts (wrong base?)"]
-    targeted = {t.rsplit(".", 1)[-1] for t in adapter.config.get("target_parameters") or []}
-    problems = [] if param in targeted else [f"{module}: factors shaped for {param}, which target_parameters "
-                                             f"{sorted(targeted)} does not list (corrupted adapter_config.json?)"]
+    if param not in fit:
+        return [f"{module}: the pair under {pair.depth} base_layer wrapper(s) adapts {param} by peft's nesting of "
+                f"target_parameters, but lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are shaped for {fit[0]} "
+                "(an adapter not written by peft or qwen-sft?)"]
+    parts = gate_up_rows(inter) if param == "gate_up_proj" else [("down_proj", None)]
+    problems: list[str] = []
     scaling, bad = _scaling(adapter.config, f"{module}.{param}", A.shape[0] // E)
     problems += bad
     A, B = expert_factors(A, B, E)  # once per pair, not once per expert tensor
