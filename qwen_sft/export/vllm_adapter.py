@@ -36,9 +36,11 @@ from pathlib import Path
 
 import torch
 
-from qwen_sft.merge.adapter import CONFIG_FILE, WEIGHTS_FILE, MergeError, read_adapter_config
+from qwen_sft.merge.adapter import MergeError, read_adapter_config
 from qwen_sft.merge.plan import _scaling
 from qwen_sft.model.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     EXPERT_PROJS,
     expert_lora_param,
     expert_lora_params,
@@ -101,7 +103,7 @@ def _group_keys(path: Path, header: dict[str, tuple[tuple[int, ...], str]]) -> l
     pairs = []
     for (module, depth), ab in sorted(found.items()):
         if set(ab) != {"lora_A", "lora_B"}:
-            problems.append(f"{module}: {({'lora_A', 'lora_B'} - set(ab)).pop()} is missing from {WEIGHTS_FILE}")
+            problems.append(f"{module}: {({'lora_A', 'lora_B'} - set(ab)).pop()} is missing from {ADAPTER_WEIGHTS}")
             continue
         a_shape, b_shape = header[ab["lora_A"]][0], header[ab["lora_B"]][0]
         if len(a_shape) != 2 or len(b_shape) != 2:
@@ -208,7 +210,7 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
     cfg = read_adapter_config(adapter_dir)
     if cfg.get("use_dora"):
         raise ExportError(f"{adapter_dir}: DoRA adapters cannot be exported")
-    weights = adapter_dir / WEIGHTS_FILE
+    weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ExportError(f"{weights} is missing (only safetensors adapters are read; never a pickled .bin)")
     try:
@@ -263,7 +265,7 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
 
     scale = (lambda p: p.scaling) if fold else (lambda p: None)
     with atomic_dir(out_dir) as tmp, safe_open(weights, framework="pt") as f, \
-            StreamingSafetensors(tmp / WEIGHTS_FILE, layout) as out:
+            StreamingSafetensors(tmp / ADAPTER_WEIGHTS, layout) as out:
         for p in linear:
             A, B = _pad(f.get_tensor(p.a_key), f.get_tensor(p.b_key), R, scale(p))
             out.write(lora_key(p.module, "lora_A"), A)
@@ -282,7 +284,7 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
                 out.write(lora_key(expert_module(module, e, "down_proj"), "lora_A"), A)
                 out.write(lora_key(expert_module(module, e, "down_proj"), "lora_B"), B)
             del gu_A, gu_B, dn_A, dn_B
-        (tmp / CONFIG_FILE).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "qwen_sft_export.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n",
                                                    encoding="utf-8")
     return report

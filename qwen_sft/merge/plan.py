@@ -25,6 +25,7 @@ from qwen_sft.model.checkpoint import (
     EXPERT_PROJS,
     FUSED_EXPERT_MODEL_TYPES,
     FUSED_EXPERT_PARAMS,
+    INDEX_FILE,
     SINGLE_FILE,
     ModelNotFound,
     count_experts,
@@ -112,7 +113,7 @@ def read_base(path: str | Path) -> BaseCheckpoint:
     elif any(path.glob("*.bin")):
         raise MergeError(f"{path} has only pickled *.bin weights; convert the base to safetensors first")
     else:
-        raise MergeError(f"{path} holds no model.safetensors or model.safetensors.index.json")
+        raise MergeError(f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}")
     shards: dict[str, list[str]] = {}
     info: dict[str, tuple[tuple[int, ...], str]] = {}
     problems = []

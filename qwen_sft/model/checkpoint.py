@@ -292,6 +292,12 @@ def split_lora_key(key: str) -> tuple[str, int, str, str] | None:
 # --- which fused expert parameter a nested LoRA pair adapts ---------------------------------------------------
 
 
+def in_experts(name: str) -> bool:
+    """Whether a module, parameter, tensor or target name lies inside a layer's routed experts
+    (``….mlp.experts.…``; not qwen3_next's ``mlp.shared_expert``)."""
+    return f".{EXPERTS}." in f".{name}."
+
+
 def is_experts_module(module: str) -> bool:
     """Whether ``module`` is a layer's routed experts module (``….mlp.experts``, holding the fused parameters)."""
     return module == EXPERTS or module.endswith(f".{EXPERTS}")
