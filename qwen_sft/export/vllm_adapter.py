@@ -5,7 +5,8 @@
 
 Training saves expert LoRA in peft's fused ``target_parameters`` layout (one factor pair per layer for
 ``mlp.experts.gate_up_proj [E, 2I, H]`` and one for ``mlp.experts.down_proj [E, H, I]``, see
-qwen_sft/moe/lora.py). vLLM's ``Qwen3MoeForCausalLM`` expects, on its default path, one ``nn.Linear``-style
+qwen_sft/moe/lora.py); which pair is which, the key names and the per-expert reshape are the checkpoint
+contract's (qwen_sft/model/checkpoint.py: ``expert_lora_param``, ``lora_key``, ``peft_to_per_expert``). vLLM's ``Qwen3MoeForCausalLM`` expects, on its default path, one ``nn.Linear``-style
 pair per expert and projection, in ``[out, in]`` convention::
 
     base_model.model.model.layers.N.mlp.experts.E.gate_proj.lora_A.weight   [R, H]

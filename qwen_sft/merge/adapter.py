@@ -5,7 +5,8 @@
 
 Understands every layout our training can write: ``target_modules`` LoRA on ``nn.Linear`` (attention),
 peft's ``target_parameters`` LoRA on the fused expert parameters (``mlp.experts.gate_up_proj`` /
-``mlp.experts.down_proj``, saved as nested wrappers ``mlp.experts.base_layer.lora_A`` …), the old
+``mlp.experts.down_proj``, saved as nested wrappers ``mlp.experts.base_layer.lora_A`` …, which is which being
+qwen_sft/model/checkpoint.py's ``expert_lora_param``), the old
 per-expert layout (``mlp.experts.7.gate_proj.lora_A``) and ``modules_to_save`` full tensors. Anything
 else (DoRA, LoRA bias, embedding LoRA, pickled ``adapter_model.bin``) is refused with the reason.
 """

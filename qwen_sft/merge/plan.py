@@ -8,7 +8,8 @@ The base is read from safetensors headers only. Its experts are stored per exper
 ``target_parameters`` LoRA adapts the fused parameters transformers builds at load time
 (``gate_up_proj [E, 2I, H]`` = per expert gate rows then up rows, ``down_proj [E, H, I]``). ``Delta``
 reproduces peft's ``ParamWrapper.get_delta_weight`` for one expert, so the merge never fuses anything.
-Resolving the base, its weight map, the expert key names and peft's factor layout are the checkpoint
+Resolving the base, its weight map, the expert key names, which fused parameter a nested pair adapts
+(``expert_lora_param``; the factors' shapes only cross-check it) and peft's factor layout are the checkpoint
 contract's (qwen_sft/model/checkpoint.py).
 """
 
