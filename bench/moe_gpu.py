@@ -20,10 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0], and bench/tokenize.py (the tokenizer benchmark) would shadow the
-# stdlib module that torch imports. Import from the repository root instead.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a script (bench/ first on sys.path): the repository root, for an uninstalled checkout.
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402

@@ -28,9 +28,8 @@ import time
 import types
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0] and bench/tokenize.py (another benchmark) would shadow the stdlib's.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a script (bench/ first on sys.path): the repository root, for an uninstalled checkout.
 sys.path.insert(0, str(_HERE.parent))
 
 from torch.nn import functional as F  # noqa: E402
