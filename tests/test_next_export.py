@@ -275,7 +275,9 @@ def test_vllm_adapter_of_qwen3_next_carries_every_delta(tmp_path):
 def test_merge_of_a_one_row_shared_expert_gate_lora(tmp_path):
     """The shipped qwen3_next adapter config targets ``shared_expert_gate`` (Linear hidden -> 1): its LoRA
     (B ``[1, r]``) merges into the per-expert Hub layout as ``W + s·B@A`` and the merged model gives the
-    adapter's logits (merge's own verification against peft, and here again)."""
+    adapter's logits in fp32. (merge's own check runs in bf16; on this tiny model with a large random adapter bf16
+    rounding alone moves the logits past its tolerance -- p90 0.054 > 0.037 measured -- so it is off here and the
+    comparison is made in fp32, where it is exact.)"""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -292,12 +294,57 @@ def test_merge_of_a_one_row_shared_expert_gate_lora(tmp_path):
     assert tuple(B.shape) == (1, 4)
     merged = tmp_path / "merged"
     assert merge_main(["--base_model_path", str(base), "--adapter_path", str(adapter), "--output_path", str(merged),
-                       "--dtype", "float32", "--verify_device", "cpu"]) == 0
+                       "--dtype", "float32", "--no_verify"]) == 0
     before, after = load_file(base / "model.safetensors"), load_file(merged / "model.safetensors")
     gate = "model.layers.1.mlp.shared_expert_gate.weight"
     torch.testing.assert_close(after[gate], before[gate] + 2.0 * B @ A, rtol=0, atol=1e-6)  # alpha 8 / r 4
     assert not torch.equal(after[gate], before[gate])
     ids = torch.tensor([[151644, 872, 198, 14990, 151645, 198, 151644, 77091, 198]])
     reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        want = model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        assert (want - base_model(input_ids=ids).logits).abs().max() > 0.1  # the adapter does change the logits
+
+
+def test_real_size_config_plans_llama_cpp_shapes():
+    """The shipped Qwen3-Coder-Next config (configs/models/qwen3-coder-next.json) passes the checks and plans the
+    shapes llama.cpp's loader creates at full size; tensor shapes from transformers' model on the meta device."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from qwen_sft.export import gguf_next
+    from qwen_sft.model.checkpoint import expert_key
+
+    cfg = json.loads((REPO / "configs/models/qwen3-coder-next.json").read_text())
+    assert gguf_next.config_problems(cfg) == []
+    config = Qwen3NextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(config)
+    info = {k: (tuple(v.shape), "BF16") for k, v in model.state_dict().items() if ".mlp.experts." not in k}
+    H, F, E = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"]
+    for b in range(cfg["num_hidden_layers"]):
+        for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+            info.update({expert_key(f"model.layers.{b}.mlp.experts", e, proj): (shape, "BF16") for e in range(E)})
+    tensors, problems = plan_tensors(info, cfg)
+    assert problems == []
+    shapes = {t.name: t.shape for t in tensors}
+    assert len(tensors) == 3 + 36 * 18 + 12 * 16  # 36 Gated DeltaNet layers of 18 tensors, 12 attention of 16
+    assert shapes["blk.0.attn_qkv.weight"] == (2 * 16 * 128 + 32 * 128, H)
+    assert shapes["blk.0.attn_gate.weight"] == (32 * 128, H) and shapes["blk.0.ssm_conv1d.weight"] == (8192, 4)
+    assert shapes["blk.3.attn_q.weight"] == (2 * 16 * 256, H) and "blk.3.ssm_a" not in shapes
+    assert shapes["blk.47.ffn_gate_exps.weight"] == (E, F, H)
+
+    class Recorder:  # the writer calls write_next_metadata makes, by name
+        def __init__(self):
+            self.calls = {}
+
+        def __getattr__(self, name):
+            return lambda *args: self.calls.__setitem__(args[0] if name == "add_array" else name, args[-1])
+
+    w = Recorder()
+    gguf_next.write_next_metadata(w, cfg)
+    assert w.calls["add_rope_dimension_count"] == 64 and w.calls["add_full_attention_interval"] == 4
+    assert w.calls["qwen3next.attention.recurrent_layers"] == [(i + 1) % 4 != 0 for i in range(48)]
+    assert (w.calls["add_ssm_state_size"], w.calls["add_ssm_group_count"], w.calls["add_ssm_time_step_rank"],
+            w.calls["add_ssm_inner_size"]) == (128, 16, 32, 4096)
