@@ -36,6 +36,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from qwen_sft.atomic import atomic_open  # noqa: E402
+from qwen_sft.model.checkpoint import EXPERT_TARGET_PARAMETERS  # noqa: E402
 
 REAL = dict(vocab_size=151_936, hidden_size=2048, intermediate_size=5472, moe_intermediate_size=768,
             num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8)
@@ -85,8 +86,7 @@ def load_variant(base: Path, variant: str, layers: int, r: int, device: str, dty
         enable_expert_lora(model)
     else:
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=attention,
-                                                 target_parameters=["mlp.experts.gate_up_proj",
-                                                                    "mlp.experts.down_proj"]))
+                                                 target_parameters=EXPERT_TARGET_PARAMETERS))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
@@ -161,8 +161,7 @@ def experts_only(dims: dict, experts: int, tokens: int, steps: int, r: int, devi
             holder.mlp.experts.gate_up_proj.copy_(w1)
             holder.mlp.experts.down_proj.copy_(w2)
         model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=[],
-                                                  target_parameters=["mlp.experts.gate_up_proj",
-                                                                     "mlp.experts.down_proj"]))
+                                                  target_parameters=EXPERT_TARGET_PARAMETERS))
         return model.base_model.model.mlp.experts
 
     def engine():

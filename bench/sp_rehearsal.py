@@ -35,6 +35,8 @@ sys.path.insert(0, str(_HERE.parent))
 
 from torch.nn import functional as F  # noqa: E402
 
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG  # noqa: E402
+
 
 def _load_mem_levers():
     """bench/ is not a package: mem_levers.py by its path."""
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = mem_levers.ATTENTION + (["gate_proj", "up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter_config.json"
+        adapter = Path(tmp) / ADAPTER_CONFIG
         adapter.write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": targets}))
         model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
                                     lora_dtype=opts["lora_dtype"])

@@ -22,6 +22,7 @@ from qwen_sft.merge.plan import BaseCheckpoint, plan_merge, read_base
 from qwen_sft.merge.stream import DTYPES
 from qwen_sft.merge.trained_with import TrainConfigError, read_trained_with
 from qwen_sft.merge.verify import ATOL, FLIP_FACTOR, RTOL
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG
 
 OWNER_FILE = ".merge_owner_pid"  # inside the temporary directory: lets a later merge remove it after a kill -9
 
@@ -59,7 +60,7 @@ def _checkpoint_key(path: Path) -> tuple[int, str]:
 
 def find_jobs(adapter_root: Path, all_checkpoints: bool) -> list[tuple[Path, str]]:
     """(adapter dir, output sub-directory) pairs: the adapter itself, plus checkpoint-* when asked."""
-    jobs = [(adapter_root, ".")] if (adapter_root / "adapter_config.json").is_file() else []
+    jobs = [(adapter_root, ".")] if (adapter_root / ADAPTER_CONFIG).is_file() else []
     if all_checkpoints:
         ckpts = sorted((d for d in adapter_root.glob("checkpoint-*") if d.is_dir()), key=_checkpoint_key)
         jobs += [(d, d.name) for d in ckpts]
