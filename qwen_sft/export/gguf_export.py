@@ -134,19 +134,20 @@ def plan_tensors(info: dict[str, tuple[tuple[int, ...], str]], cfg: dict) -> tup
     linear = gguf_next.layer_is_linear(cfg) if is_next else [False] * n_layers
     for b in range(n_layers):
         pre = f"model.layers.{b}."
-        if is_next:
+        if is_next:  # Gated DeltaNet or gated attention, shared expert: names and transforms in gguf_next
             layer, more, keys = gguf_next.plan_next_layer(
                 info, cfg, b, linear[b], lambda name, src, shape, fn: OutTensor(name, src, shape, transform=fn))
             out += layer
             problems += more
             used |= keys
-        for hf_tail, tail in ({} if is_next else LAYER_NAMES).items():
-            hf = pre + hf_tail
-            if hf in info:
-                out.append(OutTensor(f"blk.{b}.{tail}", [hf], info[hf][0]))
-                used.add(hf)
-            else:
-                problems.append(f"{hf} is missing")
+        else:
+            for hf_tail, tail in LAYER_NAMES.items():
+                hf = pre + hf_tail
+                if hf in info:
+                    out.append(OutTensor(f"blk.{b}.{tail}", [hf], info[hf][0]))
+                    used.add(hf)
+                else:
+                    problems.append(f"{hf} is missing")
         for proj, tail in EXPERT_NAMES.items():
             keys = [expert_key(f"{pre}mlp.experts", e, proj) for e in range(n_exp)]
             absent = [k for k in keys if k not in info]
