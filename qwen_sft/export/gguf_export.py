@@ -399,21 +399,11 @@ def _build(root: Path, shard_of: dict[str, str], t: OutTensor):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from qwen_sft.cli_options import parse_or_exit
+    from qwen_sft.export.options import gguf_parser
 
-    p = argparse.ArgumentParser(
-        prog="qwen-sft export-gguf", allow_abbrev=False,
-        description="Write a merged qwen3_moe model (qwen-sft merge output) as one GGUF file for llama.cpp / Ollama, "
-                    "tensor by tensor, with its tokenizer and chat template.",
-        epilog="example: qwen-sft export-gguf checkpoints/merged_model qwen3-coder-sft.gguf --type q8_0",
-    )
-    p.add_argument("merged_dir", help="merged model directory (config.json, safetensors, tokenizer)")
-    p.add_argument("out", help="output .gguf file (written atomically)")
-    p.add_argument("--type", dest="qtype", default="bf16", choices=TYPES,
-                   help="weight type: bf16 (exact copy of bf16 weights), q8_0 (8-bit, ~half the size) or f32 (twice bf16; "
-                        "for checking an export against transformers without llama.cpp's bf16 rounding)")
-    a = p.parse_args(argv)
-    if not re.search(r"\.gguf$", a.out):
+    (a,) = parse_or_exit(gguf_parser(), argv)
+    if not re.search(r"\.gguf$", str(a.out)):
         print(f"export-gguf: note: {a.out} does not end in .gguf", file=sys.stderr)
     try:
         r = export_gguf(a.merged_dir, a.out, a.qtype)

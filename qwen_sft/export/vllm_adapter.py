@@ -292,20 +292,12 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(
-        prog="qwen-sft export-adapter", allow_abbrev=False,
-        description="Rewrite a training adapter (fused expert LoRA) into one LoRA pair per expert at one rank, "
-                    "the layout vLLM's Qwen3MoeForCausalLM loads with --enable-lora.",
-        epilog="example: qwen-sft export-adapter checkpoints/qwen3_30b_qlora checkpoints/qwen3_30b_qlora-vllm "
-               "--format vllm",
-    )
-    p.add_argument("adapter_dir", help="adapter directory written by training (adapter_config.json + safetensors)")
-    p.add_argument("out_dir", help="output directory (replaced atomically if it exists)")
-    p.add_argument("--format", default="vllm", choices=["vllm"], help="target layout (default %(default)s)")
-    a = p.parse_args(argv)
+    from qwen_sft.cli_options import parse_or_exit
+    from qwen_sft.export.options import adapter_parser
+
+    (a,) = parse_or_exit(adapter_parser(), argv)
     try:
         r = export_vllm_adapter(a.adapter_dir, a.out_dir)
     except MergeError as err:
