@@ -38,7 +38,7 @@ from pathlib import Path
 
 from qwen_sft.export import gguf_next
 from qwen_sft.merge.adapter import MergeError
-from qwen_sft.model.checkpoint import expert_key
+from qwen_sft.model.checkpoint import EXPERTS, expert_key
 
 ARCH = "qwen3moe"
 TYPES = ("bf16", "q8_0", "f32")
@@ -149,16 +149,16 @@ def plan_tensors(info: dict[str, tuple[tuple[int, ...], str]], cfg: dict) -> tup
                 else:
                     problems.append(f"{hf} is missing")
         for proj, tail in EXPERT_NAMES.items():
-            keys = [expert_key(f"{pre}mlp.experts", e, proj) for e in range(n_exp)]
+            keys = [expert_key(pre + EXPERTS, e, proj) for e in range(n_exp)]
             absent = [k for k in keys if k not in info]
             if absent:
-                fused = any(k.startswith(pre + "mlp.experts.") and k.count(".") == 5 for k in info)
+                fused = any(k.startswith(f"{pre}{EXPERTS}.") and k.count(".") == 5 for k in info)
                 problems.append(f"{absent[0]} is missing ({len(absent)} of {n_exp} experts)"
                                 + ("; the experts are stored fused: re-save with transformers >= 5" if fused else ""))
                 continue
             shapes = {info[k][0] for k in keys}
             if len(shapes) != 1:
-                problems.append(f"{pre}mlp.experts.*.{proj}: experts differ in shape {sorted(shapes)}")
+                problems.append(f"{pre}{EXPERTS}.*.{proj}: experts differ in shape {sorted(shapes)}")
                 continue
             out.append(OutTensor(f"blk.{b}.{tail}", keys, (n_exp, *shapes.pop())))
             used.update(keys)

@@ -36,7 +36,7 @@ class AdapterExportOptions:
 def gguf_parser() -> OptionParser:
     return build_parser(
         "qwen-sft export-gguf", [GgufExportOptions],
-        description="Write a merged qwen3_moe model (qwen-sft merge output) as one GGUF file for llama.cpp / Ollama, "
+        description="Write a merged qwen3_moe or qwen3_next model (qwen-sft merge output) as one GGUF file for llama.cpp / Ollama, "
                     "tensor by tensor, with its tokenizer and chat template.",
         epilog="example: qwen-sft export-gguf checkpoints/merged_model qwen3-coder-sft.gguf --type q8_0")
 
