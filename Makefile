@@ -51,10 +51,11 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF
 $(GGUF_VENV)/.installed:
 	test -x $(GGUF_VENV)/bin/python || $(PYTHON) -m venv $(GGUF_VENV)
 	$(GGUF_VENV)/bin/pip install -q --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(GGUF_VENV)/bin/pip install -q numpy "llama-cpp-python>=0.3.16"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(GGUF_VENV)/bin/pip install -q numpy "llama-cpp-python>=0.3.36"
 	touch $@
 
-# Builds a tiny merged qwen3_moe, exports bf16 + q8_0 GGUF, and has llama.cpp reproduce transformers' tokens/logits.
+# Builds a tiny merged qwen3_moe and qwen3_next, exports f32 + bf16 + q8_0 GGUF, and has llama.cpp reproduce
+# transformers' tokens/logits. llama-cpp-python 0.3.36 is the version checked (0.3.16's llama.cpp has no qwen3next).
 check-gguf: install $(GGUF_VENV)/.installed
 	$(BIN)/python scripts/check_gguf.py prepare .cache/check-gguf
 	$(GGUF_VENV)/bin/python scripts/check_gguf.py consume .cache/check-gguf

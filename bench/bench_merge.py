@@ -20,10 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0] and bench/tokenize.py (another benchmark) would shadow the stdlib
-# module that torch imports; import from the repository root instead.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a script (bench/ first on sys.path): the repository root, for an uninstalled checkout.
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
@@ -32,6 +30,8 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 import torch  # noqa: E402
+
+from qwen_sft.model.checkpoint import ADAPTER_WEIGHTS  # noqa: E402
 
 PRELUDE = r"""
 import json, re, sys, time
@@ -60,7 +60,7 @@ def build(work: Path, layers: int, hidden: int, experts: int, inter: int, shard:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeForCausalLM
 
-    from qwen_sft.model.checkpoint import INDEX_FILE
+    from qwen_sft.model.checkpoint import EXPERT_TARGET_PARAMETERS, INDEX_FILE
     from qwen_sft.model.tiny import TinySpec, tiny_config
     from qwen_sft.tokenizer import offline_tokenizer_dir
 
@@ -75,7 +75,7 @@ def build(work: Path, layers: int, hidden: int, experts: int, inter: int, shard:
         (base / name).write_bytes((offline_tokenizer_dir() / name).read_bytes())
     peft_model = get_peft_model(model.float(), LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        target_parameters=EXPERT_TARGET_PARAMETERS))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -123,7 +123,7 @@ def main() -> None:
         shards = sorted(base.glob("model-*.safetensors"))
         largest = max(s.stat().st_size for s in shards)
         print(f"checkpoint: {total / 2**20:.1f} MiB bf16 in {len(shards)} shards (largest {largest / 2**20:.1f} MiB); "
-              f"adapter {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.1f} MiB")
+              f"adapter {(adapter / ADAPTER_WEIGHTS).stat().st_size / 2**20:.1f} MiB")
         runs = {"stream": child(STREAM, str(base), str(adapter), str(work / "stream"))}
         runs["peft-bf16"] = child(PEFT, str(base), str(adapter), str(work / "peft16"), "bfloat16", a.shard)
         if not a.skip_fp32:

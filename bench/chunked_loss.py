@@ -16,11 +16,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-# `python bench/chunked_loss.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize module (as in bench/train_step.py).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _variant(args) -> dict:

@@ -22,9 +22,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# bench/tokenize.py would shadow the stdlib module torch imports: import from the repository root instead.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a script (bench/ first on sys.path): the repository root, for an uninstalled checkout.
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402

@@ -150,6 +150,7 @@ def print_largest(tracker) -> None:
 
 
 def run_setting(config, opts: dict[str, str], seq: int, tmp: Path, largest: int = 0):
+    from qwen_sft.model.checkpoint import ADAPTER_CONFIG
     from qwen_sft.trace import StepPlan, measure
     from qwen_sft.train.args import ModelArguments
 
@@ -157,7 +158,7 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path, largest: int 
     targets = ATTENTION + (["gate_up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
     if opts["adapter"] == "seed":  # the shipped configs/lora: gate_proj + up_proj at r each -> fused gate_up at 2r
         targets = ATTENTION + (["gate_proj", "up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
-    adapter = tmp / "adapter_config.json"
+    adapter = tmp / ADAPTER_CONFIG
     adapter.write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": targets}))
     model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
                                 lora_dtype=opts["lora_dtype"])

@@ -20,10 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0], and bench/tokenize.py (the tokenizer benchmark) would shadow the
-# stdlib module that torch imports. Import from the repository root instead.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a script (bench/ first on sys.path): the repository root, for an uninstalled checkout.
 sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
@@ -36,6 +34,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from qwen_sft.atomic import atomic_open  # noqa: E402
+from qwen_sft.model.checkpoint import EXPERT_TARGET_PARAMETERS  # noqa: E402
 
 REAL = dict(vocab_size=151_936, hidden_size=2048, intermediate_size=5472, moe_intermediate_size=768,
             num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8)
@@ -85,8 +84,7 @@ def load_variant(base: Path, variant: str, layers: int, r: int, device: str, dty
         enable_expert_lora(model)
     else:
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=attention,
-                                                 target_parameters=["mlp.experts.gate_up_proj",
-                                                                    "mlp.experts.down_proj"]))
+                                                 target_parameters=EXPERT_TARGET_PARAMETERS))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
@@ -161,8 +159,7 @@ def experts_only(dims: dict, experts: int, tokens: int, steps: int, r: int, devi
             holder.mlp.experts.gate_up_proj.copy_(w1)
             holder.mlp.experts.down_proj.copy_(w2)
         model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=2 * r, target_modules=[],
-                                                  target_parameters=["mlp.experts.gate_up_proj",
-                                                                     "mlp.experts.down_proj"]))
+                                                  target_parameters=EXPERT_TARGET_PARAMETERS))
         return model.base_model.model.mlp.experts
 
     def engine():

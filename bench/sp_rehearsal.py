@@ -28,12 +28,13 @@ import time
 import types
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0] and bench/tokenize.py (another benchmark) would shadow the stdlib's.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+# Run as a script (bench/ first on sys.path): the repository root, for an uninstalled checkout.
 sys.path.insert(0, str(_HERE.parent))
 
 from torch.nn import functional as F  # noqa: E402
+
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG  # noqa: E402
 
 
 def _load_mem_levers():
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = mem_levers.ATTENTION + (["gate_proj", "up_proj", "down_proj"] if opts["expert_lora"] == "1" else [])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter_config.json"
+        adapter = Path(tmp) / ADAPTER_CONFIG
         adapter.write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": targets}))
         model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
                                     lora_dtype=opts["lora_dtype"])

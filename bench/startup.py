@@ -3,10 +3,13 @@
     python bench/startup.py                              # this checkout, best of 3
     python bench/startup.py --baseline /work/main        # and another checkout, interleaved, with the ratio
 
-Each command runs as a fresh process (`-m offline`, the tokenizer cache already built) with PYTHONPATH set to
-the checkout; printed: best and median wall seconds, median CPU seconds (user + system of the child), the load
-average before and after, and whether torch / transformers were imported (``-X importtime``). Wall time on a
-shared machine follows its load; CPU seconds move much less.
+Each command runs as a fresh process (`-m offline`) with PYTHONPATH set to the checkout, after one untimed
+warm-up run per checkout that builds what a user's first run builds once (the offline tokenizer cache, the
+compiled chat template, the ``__pycache__`` files: PYTHONDONTWRITEBYTECODE is removed from the children's
+environment, since a development shell may set it and then every run compiles the project's modules again);
+printed: best and median wall seconds, median CPU seconds (user + system of the child), the load average before
+and after, and whether torch / transformers were imported (``-X importtime``). Wall time on a shared machine
+follows its load; CPU seconds move much less.
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ def commands(repo: Path, tmp: Path, label: str) -> dict[str, list[str]]:
     }
 
 
+def child_env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(repo)}
+
+
 def run_once(cmd: list[str], repo: Path) -> tuple[float, float]:
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = child_env(repo)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -48,7 +56,7 @@ def run_once(cmd: list[str], repo: Path) -> tuple[float, float]:
 
 
 def heavy_imports(cmd: list[str], repo: Path) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = child_env(repo)
     proc = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], env=env, capture_output=True, text=True, check=True)
     names = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     return sorted(n for n in names if n in ("torch", "transformers", "matplotlib"))
@@ -68,6 +76,9 @@ def main() -> None:
         lines = args.data.read_text(encoding="utf-8").splitlines()[:5] if args.data.exists() else [
             json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(5)]
         (tmp / "raw" / "five.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for label, repo in repos.items():  # warm-up, untimed: caches and bytecode, as after a user's first run
+            for cmd in commands(repo, tmp, label).values():
+                run_once(cmd, repo)
         print(f"load average before: {os.getloadavg()}")
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for _ in range(args.repeat):  # interleaved, so both checkouts see the same load

@@ -11,20 +11,14 @@ ratio line divides packing by padding.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import platform
+import random
+import tempfile
+import time
 from pathlib import Path
 
-# `python bench/train_step.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize module (used by linecache, hence by warnings and tracebacks).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 REALDATA = REPO.parent / "shared" / "realdata"

@@ -14,10 +14,16 @@ Why our own copy: importing transformers imports torch (seconds) and the data pa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import marshal
+import os
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
+from importlib.util import MAGIC_NUMBER
+from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import jinja2
@@ -92,7 +98,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 @lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
-    """The template compiled once in transformers' sandboxed environment."""
+    """The template compiled once in transformers' sandboxed environment (``env.from_string``, its code cached)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -100,7 +106,41 @@ def compile_template(template: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(template)
+    return env.template_class.from_code(env, _compiled_code(env, template), env.make_globals(None), None)
+
+
+def _code_cache_path(template: str) -> Path:
+    """One file per (template text, this module's source, jinja2 version, Python bytecode version): any change to
+    the template or to the environment built above gives another file, so a stale entry is never read."""
+    from qwen_sft.tokenizer import project_cache_dir
+
+    key = hashlib.sha256()
+    for part in (template.encode(), Path(__file__).read_bytes(), jinja2.__version__.encode(), MAGIC_NUMBER):
+        key.update(hashlib.sha256(part).digest())
+    return project_cache_dir() / "jinja" / f"{key.hexdigest()}.code"
+
+
+def _compiled_code(env: jinja2.Environment, template: str) -> Any:
+    """``env.compile(template)``, kept in the project cache: compiling the official template costs ~0.12–0.19 s of
+    a 5-record run's start-up, loading its code ~1 ms. Not jinja2's FileSystemBytecodeCache: its files start with
+    a pickle, and we unpickle nothing. The file is marshalled code, as trusted as ``__pycache__``; a cache that
+    cannot be read or written only means compiling again."""
+    path = _code_cache_path(template)
+    try:
+        code = marshal.loads(path.read_bytes())
+        if isinstance(code, CodeType):
+            return code
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
+    code = env.compile(template)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(marshal.dumps(code))
+        os.replace(tmp, path)  # whole or absent: a reader never sees half a file
+    except OSError:
+        pass
+    return code
 
 
 def plain_data(value: Any) -> Any:

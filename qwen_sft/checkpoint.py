@@ -25,10 +25,9 @@ import re
 from pathlib import Path
 
 from qwen_sft.atomic import atomic_open
-from qwen_sft.model.checkpoint import SINGLE_FILE, shard_files
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_FILE, SINGLE_FILE, in_experts, shard_files
 
 MARKER = "qwen_sft_complete.json"
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 # Written by write_artifacts at the start of every qwen-sft run: their presence means "a qwen-sft run wrote this".
 RUN_RECORD = ("train_config.yaml", "trainable_params.json")
@@ -149,7 +148,7 @@ def adapter_problems(directory: str | os.PathLike, marker_required: bool = False
     problems += _marker_problems(directory, marker_required)
     if not bad:
         record = expert_training_record(directory)
-        if record and not any(".mlp.experts." in k and "lora_" in k for k in keys):
+        if record and not any(in_experts(k) and "lora_" in k for k in keys):
             problems.append(f"the run trained expert LoRA ({record}) but {ADAPTER_WEIGHTS} holds no expert tensors "
                             f"(*.mlp.experts.*lora_A/lora_B): the save stopped before the expert factors were added, "
                             f"so this adapter would lose the whole expert fine-tune")
@@ -178,7 +177,7 @@ def checkpoint_problems(directory: str | os.PathLike) -> list[str]:
     except ValueError:  # an unreadable index: what the single file (if any) holds is all there is
         shards = [SINGLE_FILE] if (directory / SINGLE_FILE).is_file() else []
     if not shards:
-        problems.append("no adapter_model.safetensors, model.safetensors or model.safetensors.index.json")
+        problems.append(f"no {ADAPTER_WEIGHTS}, {SINGLE_FILE} or {INDEX_FILE}")
     for shard in shards:
         _, bad = safetensors_keys(directory / shard)
         if bad:

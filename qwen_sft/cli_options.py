@@ -6,7 +6,7 @@
         strict: bool = option(False, "--strict", help="stop at the first bad record")
 
     parser = build_parser("prog", [Opts], description="…")
-    (opts,), problems = parse(parser, argv)
+    (opts,), problems = parse(parser, argv)     # or: (opts,) = parse_or_exit(parser, argv)
 
 Types come from the annotations: ``str``, ``int``, ``float``, ``Path``, ``bool``, ``Literal[...]`` (choices),
 ``X | None`` and, with ``parse=``, a value built from the repeated strings (``--map a=b --map c=d``). Booleans
@@ -223,6 +223,15 @@ def parse(parser: OptionParser, argv: Sequence[str] | None) -> tuple[list[Any], 
             problems.append(str(err))
             built.append(None)
     return built, problems
+
+
+def parse_or_exit(parser: OptionParser, argv: Sequence[str] | None) -> list[Any]:
+    """``parse``, or exit 2 naming every problem at once in argparse's own form (usage, then ``prog: error: …``),
+    as a bad flag or a missing required one already does."""
+    built, problems = parse(parser, argv)
+    if problems:
+        parser.error("\n  ".join(problems))
+    return built
 
 
 def declared_flags(parser: argparse.ArgumentParser) -> list[str]:

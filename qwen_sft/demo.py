@@ -16,14 +16,16 @@ message and a non-zero exit. ``QWEN_SFT_DEMO_STEPS`` (or ``--steps``) sets the t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from qwen_sft.cli_options import OptionParser, build_parser, option, parse
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STEPS = 25
@@ -147,15 +149,44 @@ def run_demo(out: Path, steps: int) -> dict:
     return result
 
 
+@dataclass
+class DemoOptions:
+    out: Path = option(Path("demo_out"), "--out", help="output directory (default demo_out)")
+    steps: int | None = option(None, "--steps", help=f"training steps (default $QWEN_SFT_DEMO_STEPS or {DEFAULT_STEPS})")
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+
+
+def demo_parser() -> OptionParser:
+    return build_parser("python -m qwen_sft.demo", [DemoOptions], description=__doc__.split("\n\n")[0])
+
+
+def steps_from_environment() -> int:
+    """What ``--steps`` defaults to: ``$QWEN_SFT_DEMO_STEPS``, else DEFAULT_STEPS."""
+    text = os.environ.get("QWEN_SFT_DEMO_STEPS")
+    if text is None:
+        return DEFAULT_STEPS
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"QWEN_SFT_DEMO_STEPS={text!r} must be a whole number of steps, at least 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qwen_sft.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--steps", type=int, default=int(os.environ.get("QWEN_SFT_DEMO_STEPS", DEFAULT_STEPS)),
-                   help=f"training steps (default $QWEN_SFT_DEMO_STEPS or {DEFAULT_STEPS})")
-    args = p.parse_args(argv)
+    parser = demo_parser()
+    (opts,), problems = parse(parser, argv)
+    steps = opts.steps if opts is not None else None
+    if steps is None:
+        try:
+            steps = steps_from_environment()
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        parser.error("\n  ".join(problems))
     start = time.monotonic()
     try:
-        run_demo(Path(args.out), args.steps)
+        run_demo(opts.out, steps)
     except StageError as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1

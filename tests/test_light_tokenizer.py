@@ -219,7 +219,9 @@ else:
     rc = main(["-input_path", str(tmp / "raw" / "five.jsonl"), "-output_path", str(tmp / "bin.jsonl"),
                "-tokenizer_path", "offline", "--no-progress"])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "matplotlib"))
-print(json.dumps({"rc": rc, "heavy": heavy}))
+# imported only where they work: a bar on a terminal, Arrow/Parquet files, inputs of tiktoken_min_bytes and more
+lazy = sorted({m.split(".")[0] for m in sys.modules} & {"tqdm", "pyarrow", "tiktoken"})
+print(json.dumps({"rc": rc, "heavy": heavy, "lazy": lazy}))
 """
 
 
@@ -235,7 +237,7 @@ def test_convert_tokenize_and_binarize_import_neither_torch_nor_transformers(ent
                           env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"rc": 0, "heavy": []}, proc.stderr
+    assert result == {"rc": 0, "heavy": [], "lazy": []}, proc.stderr
     out = tmp_path / "out" / "sft.jsonl" if entry == "convert" else tmp_path / "bin.jsonl"
     assert len(out.read_text().splitlines()) == 5 and Path(f"{out}.stats.json").exists()
 
@@ -255,3 +257,19 @@ def test_length_plot_is_a_png_with_the_bars_and_the_max_len_line_and_the_same_by
     assert any(r > 200 and g < 60 and b < 60 for (r, g, b) in colours)  # the red max_len line
     assert any(b > 150 and r < 120 for (r, g, b) in colours)  # blue bars
     assert nice_ticks(2150) == [0, 500, 1000, 1500, 2000] and nice_ticks(2.2, integer=True) == [0, 1, 2]
+
+
+def test_merges_are_read_as_tokenizers_reads_them(tmp_path):
+    from tokenizers.models import BPE
+
+    from qwen_sft.light_tokenizer import Unsupported, _read_merges
+
+    vocab = {"a": 0, "b": 1, "ab": 2, "\rx": 3, "a\rx": 4}
+    path = tmp_path / "merges.txt"
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    path.write_bytes(b"#version: 0.2\r\na b\r\na \rx\n")  # CRLF ends; a lone \r inside a token stays a \r
+    assert _read_merges(path) == [("a", "b"), ("a", "\rx")]
+    assert _read_merges(path) == BPE.read_file(str(tmp_path / "vocab.json"), str(path))[1]
+    path.write_bytes(b"a b\n\nb a\n")
+    with pytest.raises(Unsupported, match="merge 2 is not two tokens"):
+        _read_merges(path)

@@ -64,10 +64,10 @@ def test_qlora_trains_resumes_merges_and_verifies(base_dir, tokenized, tmp_path,
     assert type(layer0.mlp.shared_expert.gate_proj.base_layer).__name__ == "Linear4bit"
     assert type(layer0.mlp.experts.gate_up_base).__name__ == "NF4Experts"
     saved = load_file(straight / "adapter_model.safetensors")
-    # attention, Gated DeltaNet, shared expert (peft) and every routed expert (engine) all have factors
+    # attention, Gated DeltaNet, shared expert and its 1-row gate (peft) and every routed expert (engine) have factors
     for part in ("layers.1.self_attn.q_proj.lora_A", "layers.0.linear_attn.in_proj_qkvz.lora_A",
                  "layers.0.linear_attn.out_proj.lora_B", "layers.2.mlp.shared_expert.down_proj.lora_B",
-                 "layers.3.mlp.experts.lora_A"):
+                 "layers.1.mlp.shared_expert_gate.lora_B", "layers.3.mlp.experts.lora_A"):
         assert any(part in k for k in saved), part
     expert_a = next(v for k, v in saved.items() if "layers.0.mlp.experts.lora_A" in k)
     assert expert_a.shape[0] == SPEC.experts * 8  # peft's target_parameters layout: E * r rows
@@ -87,7 +87,8 @@ def test_qlora_trains_resumes_merges_and_verifies(base_dir, tokenized, tmp_path,
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
 
-    # Merge into the per-expert Hub layout and verify against peft's own unmerged forward.
+    # Merge into the per-expert Hub layout and verify against peft's own unmerged forward (the 1-row
+    # shared_expert_gate LoRA included: B [1, r] merges like any Linear's).
     merged = tmp_path / "merged"
     assert merge_main(["--base_model_path", str(base_dir), "--adapter_path", str(straight), "--output_path",
                        str(merged), "--dtype", "float32", "--verify_device", "cpu"]) == 0
@@ -97,10 +98,10 @@ def test_qlora_trains_resumes_merges_and_verifies(base_dir, tokenized, tmp_path,
         merged_sd |= load_file(f)
     assert merged_sd.keys() == base_sd.keys()  # same per-expert names as the Hub checkpoint
     for key in ("model.layers.0.mlp.experts.7.up_proj.weight", "model.layers.0.mlp.shared_expert.gate_proj.weight",
-                "model.layers.0.linear_attn.in_proj_qkvz.weight", "model.layers.1.self_attn.q_proj.weight"):
+                "model.layers.0.linear_attn.in_proj_qkvz.weight", "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.0.mlp.shared_expert_gate.weight"):
         assert not torch.equal(merged_sd[key], base_sd[key]), key
-    for key in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.shared_expert_gate.weight"):
-        assert torch.equal(merged_sd[key], base_sd[key]), key
+    assert torch.equal(merged_sd["model.layers.0.mlp.gate.weight"], base_sd["model.layers.0.mlp.gate.weight"])
     ids = torch.tensor([[151644, 872, 198, 14990, 151645, 198, 151644, 77091, 198]])
     reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()

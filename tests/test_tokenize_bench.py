@@ -15,7 +15,7 @@ from qwen_sft.samples.files import iter_samples
 from qwen_sft.tokenize.pipeline import tokenize_chatml_file
 
 pytestmark = pytest.mark.slow  # a benchmark's smoke test: the slow tier (tests/README.md)
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "tokenize.py"
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "tokenize_speed.py"
 
 
 def load_bench():

@@ -45,6 +45,8 @@ def mixed(tmp_path_factory) -> Path:
 
 
 def run(src: Path, dst: Path, **kw) -> dict:
+    # tiktoken_min_bytes=0: these small fixtures go through the verified tiktoken encoder, as large inputs do
+    kw.setdefault("tiktoken_min_bytes", 0)
     return tokenize_chatml_file(src, dst, model="offline", max_len=kw.pop("max_len", 64), progress=False, **kw)
 
 
@@ -68,6 +70,22 @@ def test_all_formats_hold_the_same_samples_and_the_counts_add_up(mixed, tmp_path
     assert [(r["line"], r["reason"]) for r in rejects] == [
         (4, "invalid_json"), (5, "special_token_in_content"), (6, "no_supervised_tokens"), (7, "overlength")]
     assert all(r["file"] == str(mixed) for r in rejects) and rejects[3]["detail"] == "212 tokens > max_len 64"
+
+
+def test_small_inputs_skip_the_tiktoken_build_with_the_same_output(mixed, tmp_path):
+    size = mixed.stat().st_size
+    default = tokenize_chatml_file(mixed, tmp_path / "d.jsonl", model="offline", max_len=64, progress=False)
+    assert size < default["options"]["tiktoken_min_bytes"] and default["engines"]["encoder"] == "hf"
+    at = run(mixed, tmp_path / "at.jsonl", tiktoken_min_bytes=size)  # the rule is "smaller than"
+    under = run(mixed, tmp_path / "under.jsonl", tiktoken_min_bytes=size + 1)
+    forced = run(mixed, tmp_path / "forced.jsonl", tiktoken_min_bytes=size + 1, engine="tiktoken")
+    assert (at["engines"]["encoder"], under["engines"]["encoder"], forced["engines"]["encoder"]) == (
+        "tiktoken", "hf", "tiktoken")
+    for name in ("at", "under", "forced"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (tmp_path / "d.jsonl").read_bytes()
+        assert (tmp_path / f"{name}.jsonl.rejects.jsonl").read_bytes() == (tmp_path / "d.jsonl.rejects.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="tiktoken_min_bytes"):
+        run(mixed, tmp_path / "bad.jsonl", tiktoken_min_bytes=-1)
 
 
 def test_columnar_schema_is_two_int32_lists_and_memory_maps(mixed, tmp_path):

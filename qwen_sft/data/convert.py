@@ -21,10 +21,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
-from tqdm import tqdm
 
 from qwen_sft.atomic import atomic_group, atomic_open
 from qwen_sft.conversation.chatml import build_record
@@ -32,6 +31,10 @@ from qwen_sft.conversation.errors import RecordError
 from qwen_sft.data.options import ConvertOptions
 from qwen_sft.data.readers import read_records
 from qwen_sft.data.shapes import to_messages
+from qwen_sft.progress import progress_bar
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 PROGRESS_EVERY = 1024  # records between progress-bar updates; tqdm per record would cost more than converting
 
@@ -138,7 +141,8 @@ def convert_file(
 
 def _bar(opts: ConvertOptions) -> tqdm:
     disable = None if opts.progress is None else not opts.progress  # None: only on a terminal
-    return tqdm(unit=" rows", unit_scale=True, disable=disable, desc="convert", dynamic_ncols=True, mininterval=0.5)
+    return progress_bar(unit=" rows", unit_scale=True, disable=disable, desc="convert", dynamic_ncols=True,
+                        mininterval=0.5)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ counted per record key and per message key (``unread``), so the summary shows wh
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from qwen_sft.conversation.errors import RecordError, preview, type_name
@@ -67,20 +68,27 @@ def _text(rec: dict, key: str) -> str:
     return value
 
 
+def _objects(rec: dict, key: str, item: str) -> Iterator[tuple[int, dict]]:
+    """``(i, object)`` of the list ``rec[key]`` (or the JSON text of one), each checked to be an object as it is
+    reached; the errors name the ``item`` kind (``message``, ``turn``)."""
+    raw = maybe_json(rec[key], key)
+    if not isinstance(raw, list):
+        raise RecordError("wrong_type", f"{key!r} is {type_name(raw)}, expected a list of {item}s")
+    for i, obj in enumerate(raw):
+        if not isinstance(obj, dict):
+            raise RecordError("wrong_type", f"{item} {i} is {type_name(obj)}, expected an object")
+        yield i, obj
+
+
 def from_messages(rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: list[str] | None = None) -> Converted:
     """OpenAI chat: roles system/user/assistant/tool, ``tool_calls``, ``content`` null, a string or typed parts.
 
     ms-swift's agent roles are read too: a ``tool_call`` message (its content a JSON call) joins the assistant
     message before it, or becomes one; ``tool_response`` is a tool message.
     """
-    raw = maybe_json(rec[key], key)
-    if not isinstance(raw, list):
-        raise RecordError("wrong_type", f"{key!r} is {type_name(raw)}, expected a list of messages")
     messages: list[dict] = []
     prefix = f"{key}[]."
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise RecordError("wrong_type", f"message {i} is {type_name(m)}, expected an object")
+    for i, m in _objects(rec, key, "message"):
         role, content = m.get("role"), m.get("content")
         if len(m) == 2 and isinstance(content, str) and role in PLAIN_ROLES:
             messages.append({"role": role, "content": content})  # the common case, nothing else to read
@@ -160,14 +168,9 @@ def from_sharegpt(
     rec: dict, key: str, notes: Counter, opts: ConvertOptions, unread: list[str] | None = None
 ) -> Converted:
     """ShareGPT ``conversations`` of ``{from, value}``; ``function_call`` turns become assistant tool calls."""
-    turns = maybe_json(rec[key], key)
-    if not isinstance(turns, list):
-        raise RecordError("wrong_type", f"{key!r} is {type_name(turns)}, expected a list of turns")
     messages: list[dict] = []
     prefix = f"{key}[]."
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError("wrong_type", f"turn {i} is {type_name(turn)}, expected an object")
+    for i, turn in _objects(rec, key, "turn"):
         flag = None
         if len(turn) > 2:  # from/value alone: nothing else to read
             count_unread(turn, TURN_KEYS, prefix, unread)

@@ -1,4 +1,4 @@
-"""``qwen-sft export-gguf``: a merged qwen3_moe checkpoint as one GGUF file for llama.cpp / Ollama / LM Studio.
+"""``qwen-sft export-gguf``: a merged qwen3_moe or qwen3_next checkpoint as one GGUF file for llama.cpp / Ollama.
 
     qwen-sft export-gguf checkpoints/merged_model merged.gguf --type bf16     # or --type q8_0
 
@@ -21,6 +21,9 @@ tensor plus its quantized copy, never the model. The file appears atomically (te
 llama.cpp's qwen3moe graph always renormalizes the top-k router weights and makes every layer sparse, so
 a config that says otherwise (``norm_topk_prob: false``, ``mlp_only_layers``, a shared expert) is refused
 rather than exported into a model llama.cpp would run differently.
+
+qwen3_next (Qwen3-Coder-Next) is written as llama.cpp's ``qwen3next`` with the same writer: its names,
+transforms (norm + 1, -exp(A_log), the in_proj_qkvz split …), extra metadata and refusals live in ``gguf_next.py``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
+from qwen_sft.export import gguf_next
 from qwen_sft.merge.adapter import MergeError
-from qwen_sft.model.checkpoint import expert_key
+from qwen_sft.model.checkpoint import EXPERTS, expert_key
 
 ARCH = "qwen3moe"
 TYPES = ("bf16", "q8_0", "f32")
@@ -66,7 +71,8 @@ LAYER_NAMES = {
 }
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight", "down_proj": "ffn_down_exps.weight"}
 QUANT_CHUNK_ROWS = 4096
-KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")  # 1-D norms and the router, as llama.cpp's converter keeps them
+KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", *gguf_next.KEEP_F32)  # as llama.cpp's converter keeps them
+MTP_PREFIXES = ("mtp.", "model.mtp.")
 
 
 class GGUFExportError(MergeError):
@@ -80,36 +86,15 @@ class OutTensor:
     shape: tuple[int, ...]  # torch order [E, out, in] / [out, in] / [n]
     qtype: object = None  # gguf.GGMLQuantizationType
     nbytes: int = 0
-
-
-def _qwen3_next_reason() -> str:
-    """Why a qwen3_next (Qwen3-Coder-Next) checkpoint is refused: what exists downstream, and what is missing here."""
-    try:
-        import gguf
-
-        known = any(a.name == "QWEN3NEXT" for a in gguf.MODEL_ARCH)
-    except ImportError:
-        known = False
-    where = ("the installed gguf package and llama.cpp (the make check-gguf wheel) do define a qwen3next "
-             "architecture" if known else "the installed gguf package has no qwen3next architecture")
-    return (f"model_type='qwen3_next' (Qwen3-Coder-Next) is not exported: {where}, but export-gguf writes "
-            f"qwen3moe only; it has no mapping yet for qwen3next's Gated DeltaNet tensors (in_proj_qkvz/ba, conv1d, "
-            f"A_log, dt_bias, gated norm, out_proj -> ssm_*), the gated attention's doubled q_proj and the shared "
-            f"expert with its sigmoid gate (ffn_*_shexp), and no such file has been checked against llama.cpp's "
-            f"logits. Serve the merged checkpoint with transformers or vLLM, or convert it with llama.cpp's own "
-            f"convert_hf_to_gguf.py (not verified by this project)")
+    transform: Callable | None = None  # [source tensors] -> the tensor to write (qwen3next: norm + 1, qkvz split …)
 
 
 def _config_problems(cfg: dict) -> list[str]:
     if cfg.get("model_type") == "qwen3_next":
-        # One reason, not the qwen3moe checks below (a shared expert is this model's, not a mistake)
-        problems = [_qwen3_next_reason()]
-        if cfg.get("quantization_config"):
-            problems.append("the checkpoint is quantized; export the merged 16-bit model")
-        return problems
+        return gguf_next.config_problems(cfg)  # its own checks: a shared expert is this model's, not a mistake
     problems = []
     if cfg.get("model_type") != "qwen3_moe":
-        problems.append(f"model_type={cfg.get('model_type')!r}: export-gguf writes qwen3_moe (llama.cpp qwen3moe) only")
+        problems.append(f"model_type={cfg.get('model_type')!r}: export-gguf writes qwen3_moe and qwen3_next (llama.cpp qwen3moe, qwen3next) only")
     if cfg.get("quantization_config"):
         problems.append("the checkpoint is quantized; export the merged 16-bit model")
     if cfg.get("norm_topk_prob") is False:
@@ -136,42 +121,57 @@ def _rope(cfg: dict) -> tuple[float, dict]:
 def plan_tensors(info: dict[str, tuple[tuple[int, ...], str]], cfg: dict) -> tuple[list[OutTensor], list[str]]:
     """Every checkpoint tensor placed under its llama.cpp name (experts stacked); unplaced ones are problems."""
     n_layers, n_exp = int(cfg["num_hidden_layers"]), int(cfg.get("num_experts", cfg.get("num_local_experts", 0)))
+    is_next = cfg.get("model_type") == "qwen3_next"
     out: list[OutTensor] = []
     used: set[str] = set()
     problems = []
-    for hf, name in GLOBAL_NAMES.items():
+    for hf, name in (gguf_next.GLOBAL_NAMES if is_next else GLOBAL_NAMES).items():
         if hf in info:
-            out.append(OutTensor(name, [hf], info[hf][0]))
+            out.append(OutTensor(name, [hf], info[hf][0], transform=gguf_next.global_transform(hf) if is_next else None))
             used.add(hf)
         elif not (hf == "lm_head.weight" and cfg.get("tie_word_embeddings")):
             problems.append(f"{hf} is missing")
+    linear = gguf_next.layer_is_linear(cfg) if is_next else [False] * n_layers
     for b in range(n_layers):
         pre = f"model.layers.{b}."
-        for hf_tail, tail in LAYER_NAMES.items():
-            hf = pre + hf_tail
-            if hf in info:
-                out.append(OutTensor(f"blk.{b}.{tail}", [hf], info[hf][0]))
-                used.add(hf)
-            else:
-                problems.append(f"{hf} is missing")
+        if is_next:  # Gated DeltaNet or gated attention, shared expert: names and transforms in gguf_next
+            layer, more, keys = gguf_next.plan_next_layer(
+                info, cfg, b, linear[b], lambda name, src, shape, fn: OutTensor(name, src, shape, transform=fn))
+            out += layer
+            problems += more
+            used |= keys
+        else:
+            for hf_tail, tail in LAYER_NAMES.items():
+                hf = pre + hf_tail
+                if hf in info:
+                    out.append(OutTensor(f"blk.{b}.{tail}", [hf], info[hf][0]))
+                    used.add(hf)
+                else:
+                    problems.append(f"{hf} is missing")
         for proj, tail in EXPERT_NAMES.items():
-            keys = [expert_key(f"{pre}mlp.experts", e, proj) for e in range(n_exp)]
+            keys = [expert_key(pre + EXPERTS, e, proj) for e in range(n_exp)]
             absent = [k for k in keys if k not in info]
             if absent:
-                fused = any(k.startswith(pre + "mlp.experts.") and k.count(".") == 5 for k in info)
+                fused = any(k.startswith(f"{pre}{EXPERTS}.") and k.count(".") == 5 for k in info)
                 problems.append(f"{absent[0]} is missing ({len(absent)} of {n_exp} experts)"
                                 + ("; the experts are stored fused: re-save with transformers >= 5" if fused else ""))
                 continue
             shapes = {info[k][0] for k in keys}
             if len(shapes) != 1:
-                problems.append(f"{pre}mlp.experts.*.{proj}: experts differ in shape {sorted(shapes)}")
+                problems.append(f"{pre}{EXPERTS}.*.{proj}: experts differ in shape {sorted(shapes)}")
                 continue
             out.append(OutTensor(f"blk.{b}.{tail}", keys, (n_exp, *shapes.pop())))
             used.update(keys)
-    extra = sorted(set(info) - used)
+    # qwen3_next's multi-token-prediction head: llama.cpp runs without it (its converter's --no-mtp), so it is
+    # left out rather than refused; export_gguf notes how many tensors that was.
+    extra = sorted(k for k in set(info) - used if not (is_next and k.startswith(MTP_PREFIXES)))
     if extra:
-        problems.append(f"{len(extra)} tensors have no llama.cpp qwen3moe name, e.g. {extra[0]}")
+        problems.append(f"{len(extra)} tensors have no llama.cpp {_arch(cfg)} name, e.g. {extra[0]}")
     return out, problems
+
+
+def _arch(cfg: dict) -> str:
+    return gguf_next.ARCH if cfg.get("model_type") == "qwen3_next" else ARCH
 
 
 def _choose_types(tensors: list[OutTensor], qtype_name: str) -> list[str]:
@@ -283,6 +283,10 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, qtype_name: str = 
     if problems:
         raise GGUFExportError(f"{base.path} cannot be exported as GGUF:\n  - " + "\n  - ".join(problems[:20]))
     notes = _choose_types(tensors, qtype_name)
+    mtp = [k for k in base.info if k.startswith(MTP_PREFIXES)] if cfg.get("model_type") == "qwen3_next" else []
+    if mtp:
+        notes.append(f"the multi-token-prediction head ({len(mtp)} mtp.* tensors) is not exported; llama.cpp runs "
+                     "the model without it")
     tokens, toktypes, pre = _vocab(base.path, int(cfg["vocab_size"]))
     shard_of = {k: shard for shard, keys in base.shards.items() for k in keys}
     # Visit output tensors in shard order, so the mapped pages of one shard are read together.
@@ -293,7 +297,7 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, qtype_name: str = 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")  # renamed onto out_path when complete
     try:
-        w = gguf.GGUFWriter(path=tmp, arch=ARCH)
+        w = gguf.GGUFWriter(path=tmp, arch=_arch(cfg))
         _write_metadata(w, cfg, base.path, qtype_name, tokens, toktypes, pre, notes)
         del tokens, toktypes
         for t in tensors:
@@ -325,7 +329,8 @@ def export_gguf(merged_dir: str | Path, out_path: str | Path, qtype_name: str = 
 
 
 def _write_metadata(w, cfg: dict, root: Path, qtype_name: str, tokens, toktypes, pre: str, notes: list[str]) -> None:
-    """Architecture keys and the tokenizer, as llama.cpp's converter writes them for Qwen3MoeModel."""
+    """Architecture keys and the tokenizer, as llama.cpp's converter writes them for Qwen3MoeModel (and, with the
+    keys of gguf_next.write_next_metadata, for Qwen3NextModel)."""
     import gguf
 
     w.add_name(root.name)
@@ -348,6 +353,8 @@ def _write_metadata(w, cfg: dict, root: Path, qtype_name: str, tokens, toktypes,
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
+    if cfg.get("model_type") == "qwen3_next":
+        gguf_next.write_next_metadata(w, cfg)
     file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}
     w.add_file_type(file_type.get(qtype_name, gguf.LlamaFileType.MOSTLY_BF16))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -376,6 +383,8 @@ def _build(root: Path, shard_of: dict[str, str], t: OutTensor):
                 handles[shard] = safe_open(root / shard, framework="pt").__enter__()
             return handles[shard].get_tensor(key)
 
+        if t.transform is not None:
+            return _encode(t.transform([get(k) for k in t.sources]), t.qtype)
         if len(t.sources) == 1:
             return _encode(get(t.sources[0]), t.qtype)
         first = _encode(get(t.sources[0]), t.qtype)
@@ -390,21 +399,11 @@ def _build(root: Path, shard_of: dict[str, str], t: OutTensor):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from qwen_sft.cli_options import parse_or_exit
+    from qwen_sft.export.options import gguf_parser
 
-    p = argparse.ArgumentParser(
-        prog="qwen-sft export-gguf", allow_abbrev=False,
-        description="Write a merged qwen3_moe model (qwen-sft merge output) as one GGUF file for llama.cpp / Ollama, "
-                    "tensor by tensor, with its tokenizer and chat template.",
-        epilog="example: qwen-sft export-gguf checkpoints/merged_model qwen3-coder-sft.gguf --type q8_0",
-    )
-    p.add_argument("merged_dir", help="merged model directory (config.json, safetensors, tokenizer)")
-    p.add_argument("out", help="output .gguf file (written atomically)")
-    p.add_argument("--type", dest="qtype", default="bf16", choices=TYPES,
-                   help="weight type: bf16 (exact copy of bf16 weights), q8_0 (8-bit, ~half the size) or f32 (twice bf16; "
-                        "for checking an export against transformers without llama.cpp's bf16 rounding)")
-    a = p.parse_args(argv)
-    if not re.search(r"\.gguf$", a.out):
+    (a,) = parse_or_exit(gguf_parser(), argv)
+    if not re.search(r"\.gguf$", str(a.out)):
         print(f"export-gguf: note: {a.out} does not end in .gguf", file=sys.stderr)
     try:
         r = export_gguf(a.merged_dir, a.out, a.qtype)

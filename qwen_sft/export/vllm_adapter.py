@@ -5,7 +5,8 @@
 
 Training saves expert LoRA in peft's fused ``target_parameters`` layout (one factor pair per layer for
 ``mlp.experts.gate_up_proj [E, 2I, H]`` and one for ``mlp.experts.down_proj [E, H, I]``, see
-qwen_sft/moe/lora.py). vLLM's ``Qwen3MoeForCausalLM`` expects, on its default path, one ``nn.Linear``-style
+qwen_sft/moe/lora.py); which pair is which, the key names and the per-expert reshape are the checkpoint
+contract's (qwen_sft/model/checkpoint.py: ``expert_lora_param``, ``lora_key``, ``peft_to_per_expert``). vLLM's ``Qwen3MoeForCausalLM`` expects, on its default path, one ``nn.Linear``-style
 pair per expert and projection, in ``[out, in]`` convention::
 
     base_model.model.model.layers.N.mlp.experts.E.gate_proj.lora_A.weight   [R, H]
@@ -36,10 +37,14 @@ from pathlib import Path
 
 import torch
 
-from qwen_sft.merge.adapter import CONFIG_FILE, WEIGHTS_FILE, MergeError, read_adapter_config
+from qwen_sft.merge.adapter import MergeError, read_adapter_config
 from qwen_sft.merge.plan import _scaling
 from qwen_sft.model.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     EXPERT_PROJS,
+    expert_lora_param,
+    expert_lora_params,
     expert_module,
     gate_up_rows,
     lora_key,
@@ -99,7 +104,7 @@ def _group_keys(path: Path, header: dict[str, tuple[tuple[int, ...], str]]) -> l
     pairs = []
     for (module, depth), ab in sorted(found.items()):
         if set(ab) != {"lora_A", "lora_B"}:
-            problems.append(f"{module}: {({'lora_A', 'lora_B'} - set(ab)).pop()} is missing from {WEIGHTS_FILE}")
+            problems.append(f"{module}: {({'lora_A', 'lora_B'} - set(ab)).pop()} is missing from {ADAPTER_WEIGHTS}")
             continue
         a_shape, b_shape = header[ab["lora_A"]][0], header[ab["lora_B"]][0]
         if len(a_shape) != 2 or len(b_shape) != 2:
@@ -113,19 +118,17 @@ def _group_keys(path: Path, header: dict[str, tuple[tuple[int, ...], str]]) -> l
 
 def _resolve(path: Path, cfg: dict, pairs: list[_Pair]) -> tuple[list[_Pair], dict[str, tuple[_Pair, _Pair]], int]:
     """Split pairs into plain linear ones and fused expert layers; resolve ranks / scales; find num_experts."""
-    targets = [t.rsplit(".", 1)[-1] for t in cfg.get("target_parameters") or []]
+    targets = cfg.get("target_parameters")
     linear, fused_by_module = [], {}
     problems = []
     for p in pairs:
         depth = p.depth
-        tail = p.module.rsplit(".", 1)[-1]
-        if tail == "experts" and targets:
-            # peft wraps the listed target_parameters in order, the first innermost (most base_layer. parts).
-            idx = len(targets) - 1 - depth
-            if not 0 <= idx < len(targets) or targets[idx] not in FUSED_PARAMS:
-                problems.append(f"{p.module}: nesting depth {depth} does not match target_parameters {targets}")
+        if expert_lora_params(p.module, targets):  # a fused experts module: its nesting names the parameter
+            try:
+                p.param = expert_lora_param(p.module, depth, targets)
+            except ValueError as err:
+                problems.append(str(err))
                 continue
-            p.param = targets[idx]
             fused_by_module.setdefault(p.module, {})[p.param] = p
         else:
             if depth:
@@ -208,7 +211,7 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
     cfg = read_adapter_config(adapter_dir)
     if cfg.get("use_dora"):
         raise ExportError(f"{adapter_dir}: DoRA adapters cannot be exported")
-    weights = adapter_dir / WEIGHTS_FILE
+    weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ExportError(f"{weights} is missing (only safetensors adapters are read; never a pickled .bin)")
     try:
@@ -263,7 +266,7 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
 
     scale = (lambda p: p.scaling) if fold else (lambda p: None)
     with atomic_dir(out_dir) as tmp, safe_open(weights, framework="pt") as f, \
-            StreamingSafetensors(tmp / WEIGHTS_FILE, layout) as out:
+            StreamingSafetensors(tmp / ADAPTER_WEIGHTS, layout) as out:
         for p in linear:
             A, B = _pad(f.get_tensor(p.a_key), f.get_tensor(p.b_key), R, scale(p))
             out.write(lora_key(p.module, "lora_A"), A)
@@ -282,27 +285,19 @@ def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportR
                 out.write(lora_key(expert_module(module, e, "down_proj"), "lora_A"), A)
                 out.write(lora_key(expert_module(module, e, "down_proj"), "lora_B"), B)
             del gu_A, gu_B, dn_A, dn_B
-        (tmp / CONFIG_FILE).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(out_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "qwen_sft_export.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n",
                                                    encoding="utf-8")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(
-        prog="qwen-sft export-adapter", allow_abbrev=False,
-        description="Rewrite a training adapter (fused expert LoRA) into one LoRA pair per expert at one rank, "
-                    "the layout vLLM's Qwen3MoeForCausalLM loads with --enable-lora.",
-        epilog="example: qwen-sft export-adapter checkpoints/qwen3_30b_qlora checkpoints/qwen3_30b_qlora-vllm "
-               "--format vllm",
-    )
-    p.add_argument("adapter_dir", help="adapter directory written by training (adapter_config.json + safetensors)")
-    p.add_argument("out_dir", help="output directory (replaced atomically if it exists)")
-    p.add_argument("--format", default="vllm", choices=["vllm"], help="target layout (default %(default)s)")
-    a = p.parse_args(argv)
+    from qwen_sft.cli_options import parse_or_exit
+    from qwen_sft.export.options import adapter_parser
+
+    (a,) = parse_or_exit(adapter_parser(), argv)
     try:
         r = export_vllm_adapter(a.adapter_dir, a.out_dir)
     except MergeError as err:

@@ -5,7 +5,8 @@
 
 Understands every layout our training can write: ``target_modules`` LoRA on ``nn.Linear`` (attention),
 peft's ``target_parameters`` LoRA on the fused expert parameters (``mlp.experts.gate_up_proj`` /
-``mlp.experts.down_proj``, saved as nested wrappers ``mlp.experts.base_layer.lora_A`` …), the old
+``mlp.experts.down_proj``, saved as nested wrappers ``mlp.experts.base_layer.lora_A`` …, which is which being
+qwen_sft/model/checkpoint.py's ``expert_lora_param``), the old
 per-expert layout (``mlp.experts.7.gate_proj.lora_A``) and ``modules_to_save`` full tensors. Anything
 else (DoRA, LoRA bias, embedding LoRA, pickled ``adapter_model.bin``) is refused with the reason.
 """
@@ -17,13 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen_sft.model.checkpoint import PEFT_PREFIX, split_lora_key
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, split_lora_key
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 # Files a training run saves beside the adapter that describe how it was trained (read for the QLoRA note).
 EFFECTIVE_CONFIG_GLOBS = ("*.yaml", "*.yml", "*.json")
-NOT_EFFECTIVE_CONFIG = {CONFIG_FILE, "tokenizer_config.json", "tokenizer.json", "vocab.json", "special_tokens_map.json",
+NOT_EFFECTIVE_CONFIG = {ADAPTER_CONFIG, "tokenizer_config.json", "tokenizer.json", "vocab.json", "special_tokens_map.json",
                         "added_tokens.json", "chat_template.json", "trainer_state.json", "config.json",
                         "generation_config.json"}
 
@@ -66,12 +65,12 @@ def _fail(path: Path, problems: list[str]) -> None:
 
 def read_adapter_config(path: Path) -> dict:
     """adapter_config.json, checked for the LoRA features a merge can reproduce exactly."""
-    cfg_path = path / CONFIG_FILE
+    cfg_path = path / ADAPTER_CONFIG
     if not path.is_dir():
         raise MergeError(f"adapter directory {path} does not exist")
     if not cfg_path.is_file():
         hint = ""
-        if any(path.glob("checkpoint-*/" + CONFIG_FILE)):
+        if any(path.glob("checkpoint-*/" + ADAPTER_CONFIG)):
             hint = " It holds checkpoint-* adapters: pass --all_checkpoints, or point --adapter_path at one of them."
         raise MergeError(f"{cfg_path} is missing: {path} is not a peft adapter directory.{hint}")
     try:
@@ -111,7 +110,7 @@ def load_adapter_tensors(path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights = path / WEIGHTS_FILE
+    weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
             raise MergeError(
@@ -157,7 +156,7 @@ def split_pairs(path: Path, tensors: dict[str, Any], cfg: dict) -> tuple[list[Lo
     for (module, depth), ab in sorted(factors.items()):
         if set(ab) != {"lora_A", "lora_B"}:
             missing = ({"lora_A", "lora_B"} - set(ab)).pop()
-            problems.append(f"{module}: {missing} is missing from {WEIGHTS_FILE}")
+            problems.append(f"{module}: {missing} is missing from {ADAPTER_WEIGHTS}")
             continue
         A, B = ab["lora_A"], ab["lora_B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
@@ -168,7 +167,7 @@ def split_pairs(path: Path, tensors: dict[str, Any], cfg: dict) -> tuple[list[Lo
             continue
         pairs.append(LoraPair(module, depth, A, B))
     if not pairs and not replacements and not problems:
-        problems.append(f"{WEIGHTS_FILE} holds no LoRA weights")
+        problems.append(f"{ADAPTER_WEIGHTS} holds no LoRA weights")
     _fail(path, problems)
     return pairs, replacements
 
@@ -234,7 +233,7 @@ def read_adapter(path: str | Path, fallback_dirs: tuple[Path, ...] = ()) -> Adap
     _fail(path, adapter_problems(path))
     pairs, replacements = split_pairs(path, tensors, cfg)
     adapter = Adapter(path=path, config=cfg, pairs=pairs, replacements=replacements,
-                      weights_sha256=_sha256(path / WEIGHTS_FILE))
+                      weights_sha256=_sha256(path / ADAPTER_WEIGHTS))
     adapter.tokenizer_dir = find_tokenizer_dir(path, *fallback_dirs)
     adapter.quantized_training = detect_quantized_training(path, *fallback_dirs)
     if pairs and all(not bool(p.B.any()) for p in pairs) and not replacements:

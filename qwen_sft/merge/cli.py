@@ -12,44 +12,23 @@ output directory (an existing one is left untouched) and exits non-zero with the
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
+from qwen_sft.cli_options import OptionParser, parse_or_exit
 from qwen_sft.merge.adapter import Adapter, MergeError, find_tokenizer_dir, read_adapter
+from qwen_sft.merge.options import MergeOptions, merge_parser
 from qwen_sft.merge.plan import BaseCheckpoint, plan_merge, read_base
-from qwen_sft.merge.stream import DTYPES
 from qwen_sft.merge.trained_with import TrainConfigError, read_trained_with
-from qwen_sft.merge.verify import ATOL, FLIP_FACTOR, RTOL
+from qwen_sft.merge.verify import FLIP_FACTOR
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG
 
 OWNER_FILE = ".merge_owner_pid"  # inside the temporary directory: lets a later merge remove it after a kill -9
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="qwen-sft merge", allow_abbrev=False,
-        description="Merge a LoRA/QLoRA adapter (attention and MoE experts) into a 16-bit checkpoint, "
-                    "shard by shard, and verify the merged logits against base + adapter.",
-        epilog="example: python merge_adapter.py --base_model_path Qwen/Qwen3-Coder-30B-A3B-Instruct "
-               "--adapter_path checkpoints/qwen3_30b_qlora --output_path checkpoints/merged_model",
-    )
-    p.add_argument("--base_model_path", required=True, help="base model directory (or Hub id, read from the cache)")
-    p.add_argument("--adapter_path", "--train_adapters_path", dest="adapter_path", required=True,
-                   help="adapter directory written by training (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--output_path", required=True,
-                   help="merged model directory (an existing directory is replaced atomically; a file is refused)")
-    p.add_argument("--all_checkpoints", action="store_true",
-                   help="also merge every checkpoint-* under the adapter directory into OUT/checkpoint-*")
-    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
-                   help="dtype of the merged weights (default bfloat16; float32 doubles the size)")
-    p.add_argument("--no_verify", action="store_true", help="skip the logits check (on by default)")
-    p.add_argument("--verify_device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the check runs; auto = all GPUs when present (device_map=auto), else CPU")
-    p.add_argument("--verify_atol", type=float, default=ATOL, help="absolute logit tolerance (default %(default)s)")
-    p.add_argument("--verify_rtol", type=float, default=RTOL,
-                   help="tolerance relative to the largest |logit| (default %(default)s)")
-    return p
+def build_parser(prog: str = "qwen-sft merge") -> OptionParser:
+    return merge_parser(prog)
 
 
 def _checkpoint_key(path: Path) -> tuple[int, str]:
@@ -59,7 +38,7 @@ def _checkpoint_key(path: Path) -> tuple[int, str]:
 
 def find_jobs(adapter_root: Path, all_checkpoints: bool) -> list[tuple[Path, str]]:
     """(adapter dir, output sub-directory) pairs: the adapter itself, plus checkpoint-* when asked."""
-    jobs = [(adapter_root, ".")] if (adapter_root / "adapter_config.json").is_file() else []
+    jobs = [(adapter_root, ".")] if (adapter_root / ADAPTER_CONFIG).is_file() else []
     if all_checkpoints:
         ckpts = sorted((d for d in adapter_root.glob("checkpoint-*") if d.is_dir()), key=_checkpoint_key)
         jobs += [(d, d.name) for d in ckpts]
@@ -135,20 +114,20 @@ def on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace) -> int:
+def run(opts: MergeOptions) -> int:
     import os
 
     from qwen_sft.atomic import atomic_dir
     from qwen_sft.merge.assets import write_assets, write_info
     from qwen_sft.merge.stream import merge_shards
 
-    out = Path(args.output_path).resolve()
-    adapter_root = Path(args.adapter_path)
-    jobs = find_jobs(adapter_root, args.all_checkpoints)
+    out = Path(opts.output_path).resolve()
+    adapter_root = Path(opts.adapter_path)
+    jobs = find_jobs(adapter_root, opts.all_checkpoints)
     # Validate the base and every adapter (against the base) before any weight is read; report all at once.
     work, errors = [], []
     try:
-        base = read_base(args.base_model_path)
+        base = read_base(opts.base_model_path)
         check_paths(out, base.path, adapter_root)
     except MergeError as err:
         base = None
@@ -163,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             if adapter.tokenizer_dir is None and find_tokenizer_dir(base.path) is None:
                 raise MergeError(f"no tokenizer beside {adapter_dir} or in {base.path}; the merged model needs one")
             print(_summary(adapter, plan))
-            for note in _notes(adapter, base, args.base_model_path):
+            for note in _notes(adapter, base, opts.base_model_path):
                 print(f"note: {note}")
             work.append((adapter_dir, sub))
             del adapter, plan  # re-read at merge time: with --all_checkpoints, hold one adapter at a time
@@ -182,18 +161,18 @@ def run(args: argparse.Namespace) -> int:
             adapter.pairs.clear()  # the plan holds every factor it needs (experts regrouped); free the originals
             target = tmp / sub
             target.mkdir(parents=True, exist_ok=True)
-            stats = merge_shards(base, plan, target, dtype=args.dtype)
-            sources = write_assets(base, adapter, target, args.dtype)
+            stats = merge_shards(base, plan, target, dtype=opts.dtype)
+            sources = write_assets(base, adapter, target, opts.dtype)
             print(f"wrote {stats.tensors} tensors in {stats.shards} shards ({stats.bytes_written / 2**20:.1f} MiB); "
                   f"tokenizer from {sources['tokenizer']}")
             if stats.unchanged_after_rounding:
-                print(f"note: {len(stats.unchanged_after_rounding)} adapted tensors are unchanged after {args.dtype} "
+                print(f"note: {len(stats.unchanged_after_rounding)} adapted tensors are unchanged after {opts.dtype} "
                       f"rounding (ΔW too small), e.g. {stats.unchanged_after_rounding[0]}")
-            info = {"base_model_path": args.base_model_path, "adapter_path": str(adapter.path), "dtype": args.dtype,
+            info = {"base_model_path": opts.base_model_path, "adapter_path": str(adapter.path), "dtype": opts.dtype,
                     "adapter_sha256": adapter.weights_sha256, "adapted_tensors": stats.adapted,
                     "tensors": stats.tensors, "sources": sources, "verification": None}
-            if not args.no_verify:
-                result = _verify(base, adapter, target, args)
+            if not opts.no_verify:
+                result = _verify(base, adapter, target, opts)
                 info["verification"] = {k: (float(f"{v:.3g}") if isinstance(v, float) else v)
                                         for k, v in result.as_dict().items()}
             write_info(target, info)
@@ -202,10 +181,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(base: BaseCheckpoint, adapter: Adapter, merged: Path, args: argparse.Namespace):
+def _verify(base: BaseCheckpoint, adapter: Adapter, merged: Path, opts: MergeOptions):
     from qwen_sft.merge.verify import verify_merge
 
-    r = verify_merge(base.path, adapter.path, merged, merged, args.verify_device, args.verify_atol, args.verify_rtol)
+    r = verify_merge(base.path, adapter.path, merged, merged, opts.verify_device, opts.verify_atol, opts.verify_rtol)
     print(f"verify: max |Δlogit| merged vs base+adapter = {r.max_abs_diff:.4g} over {r.tokens} positions, "
           f"p90 {r.p90_abs_diff:.4g} (tolerance {r.tolerance:.4g} for p90, {FLIP_FACTOR * r.tolerance:.4g} for max; "
           f"max |logit| {r.max_abs_logit:.4g}; adapter effect {r.adapter_effect:.4g})")
@@ -223,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    args = build_parser().parse_args(argv)
+    (opts,) = parse_or_exit(build_parser(), argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
-        return run(args)
+        return run(opts)
     except MergeError as err:
         print(f"merge: error: {err}", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ The base is read from safetensors headers only. Its experts are stored per exper
 ``target_parameters`` LoRA adapts the fused parameters transformers builds at load time
 (``gate_up_proj [E, 2I, H]`` = per expert gate rows then up rows, ``down_proj [E, H, I]``). ``Delta``
 reproduces peft's ``ParamWrapper.get_delta_weight`` for one expert, so the merge never fuses anything.
-Resolving the base, its weight map, the expert key names and peft's factor layout are the checkpoint
+Resolving the base, its weight map, the expert key names, which fused parameter a nested pair adapts
+(``expert_lora_param``; the factors' shapes only cross-check it) and peft's factor layout are the checkpoint
 contract's (qwen_sft/model/checkpoint.py).
 """
 
@@ -25,10 +26,12 @@ from qwen_sft.model.checkpoint import (
     EXPERT_PROJS,
     FUSED_EXPERT_MODEL_TYPES,
     FUSED_EXPERT_PARAMS,
+    INDEX_FILE,
     SINGLE_FILE,
     ModelNotFound,
     count_experts,
     expert_key,
+    expert_lora_param,
     gate_up_rows,
     peft_to_per_expert,
     read_index,
@@ -111,7 +114,7 @@ def read_base(path: str | Path) -> BaseCheckpoint:
     elif any(path.glob("*.bin")):
         raise MergeError(f"{path} has only pickled *.bin weights; convert the base to safetensors first")
     else:
-        raise MergeError(f"{path} holds no model.safetensors or model.safetensors.index.json")
+        raise MergeError(f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}")
     shards: dict[str, list[str]] = {}
     info: dict[str, tuple[tuple[int, ...], str]] = {}
     problems = []
@@ -161,17 +164,21 @@ def _plan_experts(adapter: Adapter, base: BaseCheckpoint, pair, plan: dict[str, 
     inter, H = base.info[expert_key(module, 0, "gate_proj")][0]
     if A.shape[0] % E:
         return [f"{module}: lora_A has {A.shape[0]} rows, not a multiple of num_experts={E} (wrong base?)"]
-    if A.shape[1] == H and B.shape[0] == 2 * inter:
-        param = "gate_up_proj"
-        parts = gate_up_rows(inter)
-    elif A.shape[1] == inter and B.shape[0] == H:
-        param, parts = "down_proj", [("down_proj", None)]
-    else:
+    try:  # which fused parameter this pair adapts is decided by peft's nesting, the shapes only cross-check it
+        param = expert_lora_param(module, pair.depth, adapter.config.get("target_parameters"))
+    except ValueError as err:
+        return [f"{err} (corrupted adapter_config.json?)"]
+    fits = {"gate_up_proj": (H, 2 * inter), "down_proj": (inter, H)}  # (in, out) of the base experts
+    fit = [p for p, in_out in fits.items() if in_out == (A.shape[1], B.shape[0])]
+    if not fit:
         return [f"{module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} fit neither gate_up_proj "
                 f"(in {H}, out {2 * inter}) nor down_proj (in {inter}, out {H}) of the base experts (wrong base?)"]
-    targeted = {t.rsplit(".", 1)[-1] for t in adapter.config.get("target_parameters") or []}
-    problems = [] if param in targeted else [f"{module}: factors shaped for {param}, which target_parameters "
-                                             f"{sorted(targeted)} does not list (corrupted adapter_config.json?)"]
+    if param not in fit:
+        return [f"{module}: the pair under {pair.depth} base_layer wrapper(s) adapts {param} by peft's nesting of "
+                f"target_parameters, but lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are shaped for {fit[0]} "
+                "(an adapter not written by peft or qwen-sft?)"]
+    parts = gate_up_rows(inter) if param == "gate_up_proj" else [("down_proj", None)]
+    problems: list[str] = []
     scaling, bad = _scaling(adapter.config, f"{module}.{param}", A.shape[0] // E)
     problems += bad
     A, B = expert_factors(A, B, E)  # once per pair, not once per expert tensor

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from qwen_sft.merge.adapter import MergeError
+from qwen_sft.merge.options import Dtype
 from qwen_sft.merge.plan import BaseCheckpoint, Delta
 from qwen_sft.model.checkpoint import write_index
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 @dataclass

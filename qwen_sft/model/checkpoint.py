@@ -15,8 +15,15 @@ and how peft lays out expert LoRA. Training, the QLoRA loader, merge and export 
 - **Expert keys**: the Hub layout keeps one tensor per expert and projection
   (``….mlp.experts.{e}.{gate_proj|up_proj|down_proj}.weight``); transformers v5 fuses them at load time into
   ``gate_up_proj [E, 2I, H]`` (per expert: the gate rows, then the up rows) and ``down_proj [E, H, I]``.
-- **peft adapter keys**: ``base_model.model.<module>[.base_layer…].lora_{A,B}.weight`` (``lora_key``,
-  ``split_lora_key``; ``base_layer`` counts the wrappers peft nests around ``target_parameters``).
+- **peft adapter files and keys**: ``adapter_config.json`` + ``adapter_model.safetensors``, keys
+  ``base_model.model.<module>[.base_layer…].lora_{A,B}.weight`` (``lora_key``, ``split_lora_key``).
+- **Which fused parameter a nested expert pair adapts** (``expert_lora_depth`` / ``expert_lora_param``, the one
+  rule that training's save and load, merge and the vLLM export use): peft wraps the ``target_parameters`` of
+  ``mlp.experts`` one ``ParamWrapper`` around the other in the order the experts module declares its
+  parameters (``gate_up_proj``, then ``down_proj``), the first wrapped innermost, so with both targeted
+  ``gate_up_proj``'s pair is saved under ``experts.base_layer.lora_*`` and ``down_proj``'s under
+  ``experts.lora_*``. The order of the list in adapter_config.json does not matter (peft 0.21
+  ``BaseTuner._inject_parameters``; tests/test_expert_lora_nesting.py saves both orders with peft).
 - **peft's expert LoRA layout** (``target_parameters``, ``ParamWrapper``): ``lora_A [E·r, in]`` expert-major rows
   and ``lora_B [out, r·E]`` with column ``k·E + e``; per expert that is ``A [E, r, in]`` and ``B [E, out, r]``,
   ΔW[e] = scaling · B[e] @ A[e]. The two views interleave experts differently (that is peft's
@@ -37,10 +44,16 @@ from pathlib import Path
 from typing import Any
 
 PEFT_PREFIX = "base_model.model."  # every key of a saved peft adapter starts with it
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a peft adapter directory
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # per expert on disk
-FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # the fused parameters of transformers v5's experts module
+EXPERTS = "mlp.experts"  # each decoder layer's routed experts module (qwen3_moe, qwen3_next)
+# The fused parameters of transformers v5's experts module, in the order the module declares them: peft's
+# nesting of expert LoRA follows this order (see expert_lora_params), so it is pinned against transformers' own
+# experts classes by tests/test_expert_lora_nesting.py.
+FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+EXPERT_TARGET_PARAMETERS = [f"{EXPERTS}.{p}" for p in FUSED_EXPERT_PARAMS]  # peft target_parameters for both
 # Seed adapter names of the per-expert Linear layers (transformers v4) → the fused v5 parameter.
 FUSED_OF = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 # Model types whose fused experts are [E, out, in] with gate_up = cat(gate, up) per expert (peft swaps in/out).
@@ -274,6 +287,55 @@ def split_lora_key(key: str) -> tuple[str, int, str, str] | None:
     while head.endswith(".base_layer"):
         head, depth = head[: -len(".base_layer")], depth + 1
     return head, depth, which, tail
+
+
+# --- which fused expert parameter a nested LoRA pair adapts ---------------------------------------------------
+
+
+def in_experts(name: str) -> bool:
+    """Whether a module, parameter, tensor or target name lies inside a layer's routed experts
+    (``….mlp.experts.…``; not qwen3_next's ``mlp.shared_expert``)."""
+    return f".{EXPERTS}." in f".{name}."
+
+
+def is_experts_module(module: str) -> bool:
+    """Whether ``module`` is a layer's routed experts module (``….mlp.experts``, holding the fused parameters)."""
+    return module == EXPERTS or module.endswith(f".{EXPERTS}")
+
+
+def expert_lora_params(module: str, target_parameters: list[str] | None) -> tuple[str, ...]:
+    """The fused parameters of the experts module ``module`` (``model.layers.N.mlp.experts``) that peft wraps for
+    ``target_parameters``, innermost wrapper first.
+
+    peft 0.21 (``BaseTuner._inject_parameters``) walks each module's own parameters in their declared order and
+    wraps every one that a target names (``f"{module}.{param}"`` equal to it or ending in ``"." + target``)
+    around what is already there; the set of targets decides which are wrapped, never the order of the list.
+    (Modules under ``torch.nn.utils.parametrize`` are wrapped in sorted order instead; experts never are.)"""
+    if not is_experts_module(module):
+        return ()  # a bare target ("down_proj") names no parameter of any other module
+    targets = list(target_parameters or [])
+    return tuple(p for p in FUSED_EXPERT_PARAMS
+                 if any(f"{module}.{p}" == t or f"{module}.{p}".endswith(f".{t}") for t in targets))
+
+
+def expert_lora_depth(module: str, param: str, target_parameters: list[str] | None) -> int:
+    """How many ``base_layer`` wrappers lie outside ``param``'s LoRA: its factors are saved as
+    ``lora_key(module, "lora_A" | "lora_B", depth)``. ``ValueError`` when ``target_parameters`` does not wrap it."""
+    wrapped = expert_lora_params(module, target_parameters)
+    if param not in wrapped:
+        raise ValueError(f"{module}.{param} is not among the parameters target_parameters={target_parameters} wraps")
+    return len(wrapped) - 1 - wrapped.index(param)
+
+
+def expert_lora_param(module: str, depth: int, target_parameters: list[str] | None) -> str:
+    """The fused parameter whose LoRA pair is saved under ``depth`` ``base_layer`` wrappers of ``module``
+    (inverse of :func:`expert_lora_depth`); ``ValueError`` naming the targets when no parameter is there."""
+    wrapped = expert_lora_params(module, target_parameters)
+    if not 0 <= depth < len(wrapped):
+        raise ValueError(f"{module}: a LoRA pair under {depth} base_layer wrapper(s), but target_parameters="
+                         f"{target_parameters} wraps {list(wrapped) or 'nothing'} there (peft nests them in the "
+                         f"order {list(FUSED_EXPERT_PARAMS)}, the first innermost)")
+    return wrapped[len(wrapped) - 1 - depth]
 
 
 # --- peft's expert LoRA layout --------------------------------------------------------------------------------

@@ -10,14 +10,16 @@ directory is a stand-in for the real model in tests, the demo and CPU dry runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from qwen_sft.atomic import atomic_dir
+from qwen_sft.cli_options import OptionParser, build_parser, option, parse_or_exit
 
 VOCAB_ROWS = 151_936
 
@@ -44,7 +46,8 @@ class TinySpec:
     linear_head_dim: int = 16
 
 
-MODEL_TYPES = ("qwen3_moe", "qwen3_next")
+ModelType = Literal["qwen3_moe", "qwen3_next"]
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 # Sizes that make the default tiny qwen3_next cover what the real one has: both layer kinds twice,
 # 16 experts with 10 active (the real top-k), a shared expert.
 NEXT_DEFAULTS = {"layers": 4, "experts": 16, "active": 10}
@@ -146,44 +149,65 @@ def make_tiny_model(out_dir: str | os.PathLike, spec: TinySpec | None = None, to
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = TinySpec()
-    p = argparse.ArgumentParser(
-        prog="qwen-sft make-tiny-model",
+@dataclass
+class TinyModelOptions:
+    """``qwen-sft make-tiny-model``: each field's help is the CLI help; ``spec()`` is the model it writes."""
+
+    out: Path = option(help="output directory")
+    model_type: ModelType = option(TinySpec.model_type, "--model_type", "--model-type",
+                                   help="qwen3_moe (Qwen3-Coder-30B-A3B) or qwen3_next (Qwen3-Coder-Next)")
+    layers: int | None = option(None, "--layers", help=(
+        f"decoder layers; default {TinySpec.layers} ({NEXT_DEFAULTS['layers']} for qwen3_next)"))
+    hidden: int = option(TinySpec.hidden, "--hidden", help="hidden size")
+    heads: int = option(TinySpec.heads, "--heads", help="attention heads")
+    kv_heads: int = option(TinySpec.kv_heads, "--kv-heads", help="key/value heads (grouped-query attention)")
+    head_dim: int = option(TinySpec.head_dim, "--head-dim", help="width of one attention head")
+    experts: int | None = option(None, "--experts", help=(
+        f"routed experts per layer; default {TinySpec.experts} ({NEXT_DEFAULTS['experts']} for qwen3_next)"))
+    active: int | None = option(None, "--active", help=(
+        f"experts per token (top-k); default {TinySpec.active} ({NEXT_DEFAULTS['active']} for qwen3_next)"))
+    moe_intermediate: int = option(TinySpec.moe_intermediate, "--moe-intermediate", help="width of one expert")
+    full_attention_interval: int = option(TinySpec.full_attention_interval, "--full-attention-interval", help=(
+        "qwen3_next: every N-th layer is full attention, the rest Gated DeltaNet"))
+    seed: int = option(TinySpec.seed, "--seed", help=f"seed of the random weights (default {TinySpec.seed})")
+    dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "--dtype", help="dtype of the saved weights")
+    tokenizer: str | None = option(None, "--tokenizer", help=(
+        "tokenizer to save with it (default: the offline-built Qwen3-Coder tokenizer)"))
+
+    def __post_init__(self) -> None:
+        base = NEXT_DEFAULTS if self.model_type == "qwen3_next" else {}
+        for key in ("layers", "experts", "active"):  # the model type's own default where none was given
+            if getattr(self, key) is None:
+                setattr(self, key, base.get(key, getattr(TinySpec, key)))
+        problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                    for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "experts", "active",
+                                 "moe_intermediate", "full_attention_interval") if getattr(self, name) < 1]
+        if self.active > self.experts:
+            problems.append(f"--active ({self.active}) cannot exceed --experts ({self.experts})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def spec(self) -> TinySpec:
+        return TinySpec(layers=self.layers, hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+                        head_dim=self.head_dim, experts=self.experts, active=self.active,
+                        moe_intermediate=self.moe_intermediate, seed=self.seed, model_type=self.model_type,
+                        full_attention_interval=self.full_attention_interval)
+
+
+def tiny_model_parser() -> OptionParser:
+    return build_parser(
+        "qwen-sft make-tiny-model", [TinyModelOptions],
         description="Write a tiny random-weight Qwen3-MoE (or Qwen3-Next) model with Qwen3-Coder's "
                     "architecture and tokenizer.",
-        epilog="example: qwen-sft make-tiny-model ./tiny-qwen3-moe --layers 2 --hidden 64 --experts 8 --active 2",
-    )
-    p.add_argument("out", help="output directory")
-    p.add_argument("--model_type", "--model-type", dest="model_type", default=defaults.model_type,
-                   choices=MODEL_TYPES, help="qwen3_moe (Qwen3-Coder-30B-A3B) or qwen3_next (Qwen3-Coder-Next)")
-    p.add_argument("--layers", type=int, default=None, help=f"default {defaults.layers} ({NEXT_DEFAULTS['layers']} "
-                   "for qwen3_next)")
-    p.add_argument("--hidden", type=int, default=defaults.hidden)
-    p.add_argument("--heads", type=int, default=defaults.heads)
-    p.add_argument("--kv-heads", type=int, default=defaults.kv_heads)
-    p.add_argument("--head-dim", type=int, default=defaults.head_dim)
-    p.add_argument("--experts", type=int, default=None, help=f"default {defaults.experts} "
-                   f"({NEXT_DEFAULTS['experts']} for qwen3_next)")
-    p.add_argument("--active", type=int, default=None, help=f"experts per token (top-k); default {defaults.active} "
-                   f"({NEXT_DEFAULTS['active']} for qwen3_next)")
-    p.add_argument("--moe-intermediate", type=int, default=defaults.moe_intermediate)
-    p.add_argument("--full-attention-interval", type=int, default=defaults.full_attention_interval,
-                   help="qwen3_next: every N-th layer is full attention, the rest Gated DeltaNet")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer to save with it (default: the offline-built Qwen3-Coder tokenizer)")
-    a = p.parse_args(argv)
-    base = NEXT_DEFAULTS if a.model_type == "qwen3_next" else {}
-    for key in ("layers", "experts", "active"):
-        if getattr(a, key) is None:
-            setattr(a, key, base.get(key, getattr(defaults, key)))
-    if a.active > a.experts:
-        p.error(f"--active ({a.active}) cannot exceed --experts ({a.experts})")
-    spec = TinySpec(layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
-                    experts=a.experts, active=a.active, moe_intermediate=a.moe_intermediate, seed=a.seed,
-                    model_type=a.model_type, full_attention_interval=a.full_attention_interval)
-    out = make_tiny_model(a.out, spec, tokenizer=a.tokenizer, dtype=a.dtype)
+        epilog="example: qwen-sft make-tiny-model ./tiny-qwen3-moe --layers 2 --hidden 64 --experts 8 --active 2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    (opts,) = parse_or_exit(tiny_model_parser(), argv)
+    out = make_tiny_model(opts.out, opts.spec(), tokenizer=opts.tokenizer, dtype=opts.dtype)
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,32 +6,28 @@
 See docs/moe.md for how training calls it.
 """
 
-from qwen_sft.moe.experts import ExpertEngine
-from qwen_sft.moe.install import (
-    EngineReport,
-    ExpertLoraSpec,
-    enable_expert_lora,
-    install_expert_engine,
-    trainable_parameter_groups,
-)
-from qwen_sft.moe.load import load_moe_model
-from qwen_sft.moe.lora import (
-    TARGET_PARAMETERS,
-    add_expert_factors,
-    expert_state_dict,
-    load_expert_adapter,
-    save_adapter,
-)
-from qwen_sft.moe.nf4 import DenseExperts, NF4Experts
+# Loaded on first use (PEP 562): ``qwen-sft estimate`` imports qwen_sft.moe.estimate, which needs no torch, and
+# the package's own imports would otherwise load torch (seconds) before its options are even parsed.
+_HOMES = {
+    "ExpertEngine": "experts",
+    "EngineReport": "install", "ExpertLoraSpec": "install", "enable_expert_lora": "install",
+    "install_expert_engine": "install", "trainable_parameter_groups": "install",
+    "load_moe_model": "load",
+    "TARGET_PARAMETERS": "lora", "add_expert_factors": "lora", "expert_state_dict": "lora",
+    "load_expert_adapter": "lora", "save_adapter": "lora",
+    "DenseExperts": "nf4", "NF4Experts": "nf4",
+    "ExpertAdapterCallback": "callback",  # imports transformers' Trainer machinery
+}
 
 
 def __getattr__(name: str):
-    # The callback imports transformers' Trainer machinery; load it only when asked for.
-    if name == "ExpertAdapterCallback":
-        from qwen_sft.moe.callback import ExpertAdapterCallback
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return ExpertAdapterCallback
-    raise AttributeError(name)
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from qwen_sft.checkpoint import mark_complete
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG
 from qwen_sft.moe.lora import add_expert_factors
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ class ExpertAdapterCallback(TrainerCallback):
         if not state.is_world_process_zero or model is None:
             return control
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not (ckpt / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{ckpt}: no adapter_config.json after save; is the model a PeftModel?")
+        if not (ckpt / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{ckpt}: no {ADAPTER_CONFIG} after save; is the model a PeftModel?")
         n = add_expert_factors(model, ckpt)
         mark_complete(ckpt)
         log.info("added %d expert factor tensors to %s", n, ckpt)

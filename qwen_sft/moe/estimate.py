@@ -18,13 +18,13 @@ per GPU next to the seed README's VRAM table. The formulas are in docs/moe.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+from qwen_sft.cli_options import OptionParser, build_parser, option, parse
 from qwen_sft.train.args import RunArguments
 
 GiB = 2**30
@@ -161,16 +161,19 @@ def lora_params(m: ModelShape, r: int, experts: bool = True) -> int:
 
 @dataclass
 class Options:
-    mode: Mode = "qlora"
-    seq: int = 2048
-    batch: int = 1
-    lora_r: int = 8
-    gpus: int = 1
-    zero: int | None = None
-    offload: bool = False
-    double_quant: bool = True
-    expert_lora: bool = True
-    optim: Literal["adamw", "adamw8bit"] = "adamw"
+    """What is estimated; each field's help is the CLI help of ``qwen-sft estimate``."""
+
+    mode: Mode = option("qlora", "--mode", help="qlora (NF4 base + LoRA), lora (bf16 base + LoRA) or full fine-tuning")
+    seq: int = option(2048, "--seq", help="tokens per sequence")
+    batch: int = option(1, "--batch", help="sequences per GPU per step")
+    lora_r: int = option(8, "--lora-r", help="LoRA rank (per expert for the experts)")
+    gpus: int = option(1, "--gpus", help="data-parallel GPUs (what ZeRO shards over)")
+    zero: Literal[2, 3] | None = option(None, "--zero", help="DeepSpeed ZeRO stage")
+    offload: bool = option(False, "--offload", help="ZeRO CPU offload of optimizer (and params at stage 3)")
+    double_quant: bool = option(True, negate=("--no-double-quant",), help="NF4 scales in fp32 instead of 8-bit")
+    expert_lora: bool = option(True, negate=("--no-expert-lora",), help="LoRA on attention only")
+    optim: Literal["adamw", "adamw8bit"] = option("adamw", "--optim", help=(
+        "optimizer of the LoRA modes (adamw8bit: bitsandbytes 8-bit AdamW state)"))
 
     def __post_init__(self) -> None:
         problems = []
@@ -358,62 +361,71 @@ def render(m: ModelShape, o: Options, est: Estimate, source: str) -> str:
     return "\n".join(lines)
 
 
+TRACE_GROUP = "--trace: measure one training step on fake tensors (qwen_sft/trace)"
+_RUN_DEFAULTS = {f.name: f.default for f in fields(RunArguments)}
+
+
+@dataclass
+class EstimateInput:
+    model: str = option(help="model directory or config.json", metavar="MODEL_OR_CONFIG")
+
+
+@dataclass
+class TraceOptions:
+    """``--trace`` and how the traced step runs (the arguments of qwen_sft.trace.cli.trace_estimate)."""
+
+    trace: bool = option(False, "--trace", group=TRACE_GROUP,
+                         help="trace the real training step; nothing is allocated")
+    routing: Literal["uniform", "skewed"] = option("uniform", "--routing", group=TRACE_GROUP, help=(
+        "tokens to experts: uniform, or skewed (every token to the same top-k experts)"))
+    layers: Literal["fit", "all"] = option("fit", "--layers", group=TRACE_GROUP, help=(
+        "fit: trace 2 and 4 layers and extrapolate linearly (fast, tested equal); all: every layer"))
+    checkpointing: bool = option(True, negate=("--no-checkpointing",), group=TRACE_GROUP,
+                                 help="trace without gradient checkpointing")
+    accumulating: bool = option(True, negate=("--first-micro-step",), group=TRACE_GROUP,
+                                help="no gradients from an earlier micro-batch (gradient_accumulation_steps 1)")
+    gpu_memory: str | None = option(None, "--gpu-memory", group=TRACE_GROUP,
+                                    help="fail unless the traced total fits, e.g. 24GB or 80GiB")
+    loss: Literal["chunked", "full"] = option(
+        "chunked" if _RUN_DEFAULTS["chunked_loss"] else "full", "--loss", group=TRACE_GROUP, help="the step's loss: training's chunked cross-entropy (chunked_loss, the run's default) or transformers' "
+             "loss over the full fp32 logits (chunked_loss false)")
+    loss_chunk_tokens: int = option(_RUN_DEFAULTS["loss_chunk_tokens"], "--loss-chunk-tokens", group=TRACE_GROUP, help=(
+        "tokens per lm_head chunk of the chunked loss (loss_chunk_tokens; the run's default)"))
+    offload_activations: bool = option(False, "--offload-activations", group=TRACE_GROUP, help=(
+        "what autograd keeps outside the checkpointed layers goes to the host (offload_activations)"))
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(f"--loss-chunk-tokens must be >= 1, got {self.loss_chunk_tokens}")
+
+
+def estimate_parser() -> OptionParser:
+    return build_parser("qwen-sft estimate", [EstimateInput, Options, TraceOptions],
+                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="example: qwen-sft estimate ../shared/spec/qwen3-coder-30b-a3b-instruct/"
+                               "config.json --mode qlora --seq 2048")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qwen-sft estimate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: qwen-sft estimate ../shared/spec/qwen3-coder-30b-a3b-instruct/"
-                                       "config.json --mode qlora --seq 2048")
-    p.add_argument("model", metavar="MODEL_OR_CONFIG", help="model directory or config.json")
-    p.add_argument("--mode", default="qlora", choices=["qlora", "lora", "full"])
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (per expert for the experts)")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--zero", type=int, default=None, choices=[2, 3], help="DeepSpeed ZeRO stage")
-    p.add_argument("--offload", action="store_true", help="ZeRO CPU offload of optimizer (and params at stage 3)")
-    p.add_argument("--no-double-quant", action="store_true", help="NF4 scales in fp32 instead of 8-bit")
-    p.add_argument("--no-expert-lora", action="store_true", help="LoRA on attention only")
-    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
-                   help="optimizer of the LoRA modes (adamw8bit: bitsandbytes 8-bit AdamW state)")
-    t = p.add_argument_group("--trace: measure one training step on fake tensors (qwen_sft/trace)")
-    t.add_argument("--trace", action="store_true", help="trace the real training step; nothing is allocated")
-    t.add_argument("--routing", default="uniform", choices=["uniform", "skewed"],
-                   help="tokens to experts: uniform, or skewed (every token to the same top-k experts)")
-    t.add_argument("--layers", default="fit", choices=["fit", "all"],
-                   help="fit: trace 2 and 4 layers and extrapolate linearly (fast, tested equal); all: every layer")
-    t.add_argument("--no-checkpointing", action="store_true", help="trace without gradient checkpointing")
-    t.add_argument("--first-micro-step", action="store_true",
-                   help="no gradients from an earlier micro-batch (gradient_accumulation_steps 1)")
-    t.add_argument("--gpu-memory", default=None, help="fail unless the traced total fits, e.g. 24GB or 80GiB")
-    run_defaults = {f.name: f.default for f in dataclasses.fields(RunArguments)}
-    t.add_argument("--loss", default="chunked" if run_defaults["chunked_loss"] else "full", choices=["chunked", "full"],
-                   help="the step's loss: training's chunked cross-entropy (chunked_loss, the run's default) or "
-                        "transformers' loss over the full fp32 logits (chunked_loss false)")
-    t.add_argument("--loss-chunk-tokens", type=int, default=run_defaults["loss_chunk_tokens"],
-                   help="tokens per lm_head chunk of the chunked loss (loss_chunk_tokens; the run's default)")
-    t.add_argument("--offload-activations", action="store_true",
-                   help="what autograd keeps outside the checkpointed layers goes to the host (offload_activations)")
-    a = p.parse_args(argv)
-    try:
-        opts = Options(mode=a.mode, seq=a.seq, batch=a.batch, lora_r=a.lora_r, gpus=a.gpus, zero=a.zero,
-                       offload=a.offload, double_quant=not a.no_double_quant, expert_lora=not a.no_expert_lora,
-                       optim=a.optim)
-        cfg, cfg_path = load_config(a.model)
+    parser = estimate_parser()
+    (source, opts, trace), problems = parse(parser, argv)
+    try:  # the config's problems are reported with the options' (argparse's form: usage, then every problem)
+        cfg, cfg_path = load_config(source.model)
         shape = ModelShape.from_config(cfg)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as e:
-        p.error(str(e))
-    if not a.trace:
+        problems.append(str(e))
+    if problems:
+        parser.error("\n  ".join(problems))
+    if not trace.trace:
         print(render(shape, opts, estimate(shape, opts), str(cfg_path)))
         return 0
     from qwen_sft.trace.cli import trace_estimate
     from qwen_sft.trace.step import chunked_loss, offloaded
 
-    if a.loss_chunk_tokens < 1:
-        p.error(f"--loss-chunk-tokens must be >= 1, got {a.loss_chunk_tokens}")
-    loss_fn = chunked_loss(a.loss_chunk_tokens) if a.loss == "chunked" else None
-    loss_line = f", chunked loss of {a.loss_chunk_tokens} tokens" if loss_fn else ", full-logits loss"
-    if a.offload_activations:
+    loss_fn = chunked_loss(trace.loss_chunk_tokens) if trace.loss == "chunked" else None
+    loss_line = f", chunked loss of {trace.loss_chunk_tokens} tokens" if loss_fn else ", full-logits loss"
+    if trace.offload_activations:
         loss_fn, loss_line = offloaded(loss_fn), loss_line + ", offload_activations"
-    return trace_estimate(cfg_path, shape, opts, estimate(shape, opts), routing=a.routing, layers=a.layers,
-                          checkpointing=not a.no_checkpointing, accumulating=not a.first_micro_step,
-                          gpu_memory=a.gpu_memory, loss_fn=loss_fn, loss_line=loss_line)
+    return trace_estimate(cfg_path, shape, opts, estimate(shape, opts), routing=trace.routing, layers=trace.layers,
+                          checkpointing=trace.checkpointing, accumulating=trace.accumulating,
+                          gpu_memory=trace.gpu_memory, loss_fn=loss_fn, loss_line=loss_line)

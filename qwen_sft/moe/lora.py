@@ -5,7 +5,8 @@
     load_expert_adapter(model_with_engine, "outputs/run/adapter")
 
 Layout written (peft 0.21 ``ParamWrapper``, ``target_parameters=["mlp.experts.gate_up_proj",
-"mlp.experts.down_proj"]``; the first listed is wrapped innermost, hence ``base_layer.``):
+"mlp.experts.down_proj"]``; peft wraps ``gate_up_proj`` innermost, hence ``base_layer.``, the nesting rule
+being qwen_sft/model/checkpoint.py's ``expert_lora_depth``):
 
     base_model.model.<layer>.mlp.experts.base_layer.lora_A.weight   [E*r, H]    gate_up A, expert-major rows
     base_model.model.<layer>.mlp.experts.base_layer.lora_B.weight   [2I, r*E]   gate_up B, columns k*E + e
@@ -14,7 +15,8 @@ Layout written (peft 0.21 ``ParamWrapper``, ``target_parameters=["mlp.experts.ga
 
 so a stock transformers model + ``PeftModel.from_pretrained`` (or vLLM) loads the adapter unmerged and
 gives the same logits. ``ParamWrapper.get_delta_factors`` is the reference for the reshapes, which live in
-qwen_sft/model/checkpoint.py (the checkpoint contract; merge and export use the same ones).
+qwen_sft/model/checkpoint.py with the key names and the nesting rule (the checkpoint contract; merge and
+export use the same ones).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from qwen_sft.atomic import atomic_dir, atomic_open
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, expert_lora_depth, lora_key
+from qwen_sft.model.checkpoint import EXPERT_TARGET_PARAMETERS as TARGET_PARAMETERS
 from qwen_sft.model.checkpoint import factor_from_peft as factors_from_peft
 from qwen_sft.model.checkpoint import factor_to_peft as factors_to_peft
 from qwen_sft.moe.experts import ExpertEngine
@@ -34,14 +38,19 @@ from qwen_sft.moe.install import ExpertLoraSpec
 
 log = logging.getLogger(__name__)
 
-TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-# Key infixes per (our factor) in the nested ParamWrapper layout.
-_PEFT_KEYS = {
-    "lora_gate_up_A": "base_layer.lora_A.weight",
-    "lora_gate_up_B": "base_layer.lora_B.weight",
-    "lora_down_A": "lora_A.weight",
-    "lora_down_B": "lora_B.weight",
+# The engine's factor names → (the fused parameter they adapt, peft's factor).
+_FACTORS = {
+    "lora_gate_up_A": ("gate_up_proj", "lora_A"),
+    "lora_gate_up_B": ("gate_up_proj", "lora_B"),
+    "lora_down_A": ("down_proj", "lora_A"),
+    "lora_down_B": ("down_proj", "lora_B"),
 }
+
+
+def peft_keys(path: str, target_parameters: list[str] | None) -> dict[str, str]:
+    """The saved key of each engine factor of the experts module at ``path`` under ``target_parameters``."""
+    return {ours: lora_key(path, which, expert_lora_depth(path, param, target_parameters))
+            for ours, (param, which) in _FACTORS.items()}
 
 
 def expert_engines(model: nn.Module) -> dict[str, ExpertEngine]:
@@ -49,7 +58,7 @@ def expert_engines(model: nn.Module) -> dict[str, ExpertEngine]:
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, ExpertEngine):
-            found[name.removeprefix("base_model.model.")] = module
+            found[name.removeprefix(PEFT_PREFIX)] = module
     return found
 
 
@@ -59,8 +68,8 @@ def expert_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, eng in expert_engines(model).items():
         if not eng.has_lora:
             continue
-        for ours, infix in _PEFT_KEYS.items():
-            out[f"base_model.model.{path}.{infix}"] = factors_to_peft(ours, getattr(eng, ours).detach()).cpu()
+        for ours, key in peft_keys(path, TARGET_PARAMETERS).items():
+            out[key] = factors_to_peft(ours, getattr(eng, ours).detach()).cpu()
     return out
 
 
@@ -92,8 +101,8 @@ def add_expert_factors(model: nn.Module, adapter_dir: str | Path) -> int:
     if not any(e.has_lora for e in expert_engines(model).values()):
         return 0  # attention-only LoRA on the engine: peft's files are the whole adapter
     setting = _expert_setting(model)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    weights = adapter_dir / "adapter_model.safetensors"
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    weights = adapter_dir / ADAPTER_WEIGHTS
     tensors = load_file(str(weights)) if weights.exists() else {}
     # Where the experts' rank/alpha differ from the config's r/alpha, peft reads them from rank_pattern /
     # alpha_pattern keyed by the parameter name (checked: ParamWrapper gets that rank and scale).
@@ -118,7 +127,7 @@ def add_expert_factors(model: nn.Module, adapter_dir: str | Path) -> int:
     tensors.update(experts)
     with atomic_open(weights, "wb") as fh:
         fh.write(save(tensors, metadata={"format": "pt"}))
-    with atomic_open(adapter_dir / "adapter_config.json") as fh:
+    with atomic_open(adapter_dir / ADAPTER_CONFIG) as fh:
         fh.write(json.dumps(cfg, indent=2, sort_keys=True))
     return len(experts)
 
@@ -141,7 +150,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pa
             _, r, alpha = setting[1]
             cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=[], target_parameters=TARGET_PARAMETERS,
                              base_model_name_or_path=base_model_name_or_path).to_dict()
-            (tmp / "adapter_config.json").write_text(json.dumps(cfg, default=list), encoding="utf-8")
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, default=list), encoding="utf-8")
         n = add_expert_factors(model, tmp)
         log.info("saved adapter with %d expert factor tensors to %s", n, out_dir)
     return out_dir
@@ -155,14 +164,19 @@ def load_expert_adapter(model: nn.Module, adapter_dir: str | Path, *, strict: bo
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     spec = ExpertLoraSpec.from_lora_config(cfg)
     want = {"gate_up": (spec.gate_up_r or spec.r, spec.gate_up_alpha if spec.gate_up_alpha is not None else spec.alpha),
             "down": (spec.r, spec.alpha)}
     loaded, missing = 0, []
     for path, eng in expert_engines(model).items():
-        keys = {ours: f"base_model.model.{path}.{infix}" for ours, infix in _PEFT_KEYS.items()}
+        try:
+            keys = peft_keys(path, cfg.get("target_parameters"))
+        except ValueError as err:  # the config does not wrap both fused parameters of this layer
+            if strict:
+                raise ValueError(f"{adapter_dir}/{ADAPTER_CONFIG}: {err}") from None
+            continue
         absent = [k for k in keys.values() if k not in tensors]
         if absent:
             missing += absent

@@ -18,17 +18,38 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import orjson
-import pyarrow as pa
 
 from qwen_sft.atomic import atomic_open
 from qwen_sft.samples import INPUT_IDS, LABEL, LABEL_COLUMNS
 
-TOKENS = pa.list_(pa.int32())  # the type of both columns
-SCHEMA = pa.schema([(INPUT_IDS, TOKENS), (LABEL, TOKENS)])
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+
+def _schema() -> pa.Schema:
+    """``SCHEMA`` built on first use: pyarrow's import (~50 ms) is paid by the runs that write or read Arrow or
+    Parquet, not by every JSONL run (``files.TOKENS`` / ``files.SCHEMA`` from outside reach it through
+    ``__getattr__``)."""
+    if "SCHEMA" not in globals():
+        import pyarrow as pa
+
+        tokens = pa.list_(pa.int32())  # the type of both columns
+        globals().update(TOKENS=tokens, SCHEMA=pa.schema([(INPUT_IDS, tokens), (LABEL, tokens)]))
+    return globals()["SCHEMA"]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("TOKENS", "SCHEMA"):
+        _schema()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 ROWS_PER_GROUP = 8192  # Parquet row group / Arrow batch: large enough to compress, small enough to stream
 
@@ -48,7 +69,8 @@ def label_column(names: list[str]) -> str | None:
 
 def has_schema(schema: pa.Schema) -> bool:
     """Whether an Arrow file already holds our columns with our types (then it is memory-mapped as is)."""
-    return all(c in schema.names and schema.field(c).type == TOKENS for c in (INPUT_IDS, LABEL))
+    tokens = _schema().field(INPUT_IDS).type
+    return all(c in schema.names and schema.field(c).type == tokens for c in (INPUT_IDS, LABEL))
 
 
 class RowError(ValueError):
@@ -84,6 +106,8 @@ def list_column(rows: list[np.ndarray] | list[list[int]]) -> pa.ListArray:
     """One ``list<int32>`` column from per-row token arrays, built from offsets (no per-element Python)."""
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
+    import pyarrow as pa
+
     values = np.concatenate(rows).astype(np.int32, copy=False) if rows else np.zeros(0, np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
 
@@ -105,9 +129,11 @@ class SampleWriter:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            self._writer = pq.ParquetWriter(fh, SCHEMA, compression="zstd")
+            self._writer = pq.ParquetWriter(fh, _schema(), compression="zstd")
         elif fmt == "arrow":
-            self._writer = pa.ipc.new_file(fh, SCHEMA)
+            import pyarrow as pa
+
+            self._writer = pa.ipc.new_file(fh, _schema())
 
     def write_serialized(self, blob: bytes, rows: int) -> None:
         """JSONL rows already serialized by ``jsonl_rows`` (in a worker process)."""
@@ -128,7 +154,9 @@ class SampleWriter:
 
     def _flush(self) -> None:
         if self._ids:
-            batch = pa.RecordBatch.from_arrays([list_column(self._ids), list_column(self._labels)], schema=SCHEMA)
+            import pyarrow as pa
+
+            batch = pa.RecordBatch.from_arrays([list_column(self._ids), list_column(self._labels)], schema=_schema())
             self._writer.write(pa.Table.from_batches([batch]) if self.fmt == "parquet" else batch)
             self._ids, self._labels = [], []
 
@@ -175,6 +203,8 @@ def iter_samples(path: Path, allow_pickle: bool = False) -> Iterator[tuple[list[
         for batch in pf.iter_batches(columns=columns):
             yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
         return
+    import pyarrow as pa
+
     reader = pa.ipc.open_file(pa.memory_map(str(path)))
     label = label_column(reader.schema.names) or LABEL
     for i in range(reader.num_record_batches):

@@ -40,46 +40,60 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 def byte_length_table(tok: Any) -> np.ndarray:
     """Bytes each token id stands for (byte-level vocabulary; added tokens are their UTF-8 text)."""
-    return _layout(tok)[1]
+    return _layout(tok).lens
 
 
-_LAYOUTS: dict[int, tuple[Any, Any, np.ndarray, bool]] = {}  # id(tok) -> (tok, tiktoken Encoding | None, lens, nfc)
+class _Layout:
+    """What the encoder needs from ``tok``, read once: byte length per id and NFC flag now, the tiktoken
+    ``Encoding`` only when asked for (its ranks and build are ~0.3 s, more than a small file's whole encode)."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        backend = tok.backend_tokenizer
+        # Each component's own JSON state: serializing the whole tokenizer (merges included) costs seconds.
+        self.norm = orjson.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
+        self.pre = orjson.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+        self.nfc = self.norm is not None
+        # A LightTokenizer keeps the BPE vocabulary it was built from (the backend's get_vocab costs ~0.3 s)
+        vocab = getattr(tok, "model_vocab", None) or backend.get_vocab(with_added_tokens=False)
+        u2b = _unicode_to_bytes()
+        self.added = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
+        self._pieces, self._ids = list(vocab), np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
+        # Each stand-in character is one byte: map the whole joined vocabulary through a lookup table at once and
+        # cut it at the pieces' lengths (str.translate per token was ~0.2 s of the start-up).
+        codes = np.frombuffer("".join(self._pieces).encode("utf-32-le"), dtype=np.uint32)
+        lut = np.full(max(map(ord, u2b)) + 1, -1, dtype=np.int16)
+        lut[[ord(u) for u in u2b]] = list(u2b.values())
+        mapped = lut[np.minimum(codes, len(lut) - 1)]
+        byte_level = type(backend.model).__name__ == "BPE" and bool((codes < len(lut)).all() and (mapped >= 0).all())
+        if not byte_level:
+            raise ValueError("the tokenizer is not a byte-level BPE like Qwen3-Coder's; its labels cannot be placed")
+        self._raw = mapped.astype(np.uint8).tobytes()
+        self._sizes = np.fromiter(map(len, self._pieces), dtype=np.int64, count=len(self._pieces))
+        self.lens = np.zeros(max([int(self._ids.max(initial=-1)), *self.added.values()]) + 1, dtype=np.int64)
+        self.lens[self._ids] = self._sizes
+        for content, idx in self.added.items():
+            self.lens[idx] = len(content.encode())
+        self._tiktoken: tuple[Any] | None = None
+
+    def tiktoken(self) -> Any:
+        """The tiktoken Encoding equivalent to ``tok``, or None if its layout differs (built on first use)."""
+        if self._tiktoken is None:
+            ends = np.cumsum(self._sizes).tolist()
+            raw = self._raw
+            ranks = dict(zip([raw[e - n:e] for e, n in zip(ends, self._sizes.tolist())], self._ids.tolist()))
+            self._tiktoken = (_tiktoken_encoding(self.norm, self.pre, ranks, self.added),)
+        return self._tiktoken[0]
 
 
-def _layout(tok: Any) -> tuple[Any, np.ndarray, bool]:
-    """(tiktoken Encoding equivalent to ``tok`` or None, byte length per id, NFC normalizer?), built once."""
+_LAYOUTS: dict[int, _Layout] = {}  # id(tok) -> its layout (the entry keeps tok, so the id is not reused)
+
+
+def _layout(tok: Any) -> _Layout:
     hit = _LAYOUTS.get(id(tok))
-    if hit is not None and hit[0] is tok:
-        return hit[1:]
-    backend = tok.backend_tokenizer
-    # Each component's own JSON state: serializing the whole tokenizer (merges included) costs seconds.
-    norm = orjson.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
-    pre = orjson.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
-    # A LightTokenizer keeps the BPE vocabulary it was built from (the backend's get_vocab costs ~0.3 s)
-    vocab = getattr(tok, "model_vocab", None) or backend.get_vocab(with_added_tokens=False)
-    u2b = _unicode_to_bytes()
-    added = {t.content: idx for idx, t in tok.added_tokens_decoder.items()}
-    pieces, ids = list(vocab), np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))
-    # Each stand-in character is one byte: map the whole joined vocabulary through a lookup table at once and cut
-    # it at the pieces' lengths (str.translate per token was ~0.2 s of the start-up).
-    codes = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32)
-    lut = np.full(max(map(ord, u2b)) + 1, -1, dtype=np.int16)
-    lut[[ord(u) for u in u2b]] = list(u2b.values())
-    mapped = lut[np.minimum(codes, len(lut) - 1)]
-    byte_level = type(backend.model).__name__ == "BPE" and bool((codes < len(lut)).all() and (mapped >= 0).all())
-    if not byte_level:
-        raise ValueError("the tokenizer is not a byte-level BPE like Qwen3-Coder's; its labels cannot be placed")
-    raw = mapped.astype(np.uint8).tobytes()
-    sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-    ends = np.cumsum(sizes).tolist()
-    ranks = dict(zip([raw[e - n:e] for e, n in zip(ends, sizes.tolist())], ids.tolist()))
-    lens = np.zeros(max([int(ids.max(initial=-1)), *added.values()]) + 1, dtype=np.int64)
-    lens[ids] = sizes
-    for content, idx in added.items():
-        lens[idx] = len(content.encode())
-    layout = (_tiktoken_encoding(norm, pre, ranks, added), lens, norm is not None)
-    _LAYOUTS[id(tok)] = (tok, *layout)
-    return layout
+    if hit is None or hit.tok is not tok:
+        hit = _LAYOUTS[id(tok)] = _Layout(tok)
+    return hit
 
 
 def _tiktoken_encoding(norm: Any, pre: dict, ranks: dict[bytes, int], added: dict[str, int]):
@@ -108,8 +122,9 @@ class Encoder:
         if engine not in ("auto", "hf", "tiktoken"):
             raise ValueError(f"{engine=}: expected auto, hf or tiktoken")
         self._backend = tok.backend_tokenizer
-        tt, self.byte_len, self._nfc = _layout(tok)
-        self._tt = None if engine == "hf" else tt
+        layout = _layout(tok)
+        self.byte_len, self._nfc = layout.lens, layout.nfc
+        self._tt = None if engine == "hf" else layout.tiktoken()  # "hf": never built
         self.name = "hf"
         if self._tt is not None:
             self.name = "tiktoken"

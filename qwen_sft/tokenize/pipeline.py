@@ -56,15 +56,23 @@ def _init(opts: TokenizeOptions, paths: tuple[bool, bool, bool]) -> None:
     """Spawned workers rebuild the tokenizer and take the parent's verified choice of fast paths."""
     global _WORKER
     if _WORKER is None:
-        _WORKER = _make_sample_tokenizer(opts)
-        _WORKER.renderer.plain, _WORKER.renderer.fast, tiktoken_ok = paths
-        if not tiktoken_ok:
-            _WORKER.encoder._tt, _WORKER.encoder.name = None, "hf"
+        plain, fast, tiktoken_ok = paths
+        _WORKER = _make_sample_tokenizer(opts, opts.engine if tiktoken_ok else "hf")
+        _WORKER.renderer.plain, _WORKER.renderer.fast = plain, fast
 
 
-def _make_sample_tokenizer(opts: TokenizeOptions) -> SampleTokenizer:
+def _make_sample_tokenizer(opts: TokenizeOptions, engine: str | None = None) -> SampleTokenizer:
+    """The options' tokenizer, with ``engine`` (default ``opts.engine``) for its encoder."""
     tok = load_data_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
-    return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength, engine=opts.engine)
+    return SampleTokenizer(tok, max_len=opts.max_len, policy=opts.policy, overlength=opts.overlength,
+                           engine=engine or opts.engine)
+
+
+def _engine(opts: TokenizeOptions, src: Path) -> str:
+    """The encoder to build: ``auto`` on an input under ``tiktoken_min_bytes`` is ``hf`` (same ids, see options)."""
+    if opts.engine == "auto" and src.stat().st_size < opts.tiktoken_min_bytes:
+        return "hf"
+    return opts.engine
 
 
 def _process(chunk: list[tuple[int, bytes]], fmt: str) -> tuple[list, list, list, bytes, list]:
@@ -217,7 +225,7 @@ def tokenize_chatml_file(src: Path, dst: Path, options: TokenizeOptions | None =
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: the output would overwrite the input")
     t0 = time.perf_counter()
-    _WORKER = _make_sample_tokenizer(opts)
+    _WORKER = _make_sample_tokenizer(opts, _engine(opts, src))
     _WORKER.verify(_first_records(src, opts.verify_records))
     # Recorded so a reader of stats.json knows which path produced the ids (both are verified identical).
     engines = {"encoder": _WORKER.encoder.name, "renderer": _WORKER.renderer.name}
@@ -277,8 +285,8 @@ def _options(options: TokenizeOptions | None, fields: dict[str, Any]) -> Tokeniz
 
 
 def _progress_bar(src: Path, enabled: bool):
-    from tqdm import tqdm
+    from qwen_sft.progress import progress_bar
 
-    return tqdm(desc=f"tokenize {src.name}", unit=" rec", disable=not enabled or not sys.stderr.isatty(),
-                file=sys.stderr, mininterval=1.0)
+    return progress_bar(desc=f"tokenize {src.name}", unit=" rec", disable=not enabled or not sys.stderr.isatty(),
+                        file=sys.stderr, mininterval=1.0)
 

@@ -10,6 +10,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG
 from qwen_sft.trace import Measured, Sharding, StepPlan, measure, render
 from qwen_sft.trace.report import GiB
 
@@ -52,7 +53,7 @@ def trace_estimate(cfg_path: Path, shape, opts, formula, *, routing: str, layers
     config = AutoConfig.from_pretrained(str(cfg_path.parent))
     memory = parse_memory(gpu_memory) if gpu_memory else None
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter_config.json"
+        adapter = Path(tmp) / ADAPTER_CONFIG
         # The fused expert names carry rank r as given (the seed's gate_proj + up_proj pair would mean rank 2r).
         targets = ATTENTION + (["gate_up_proj", "down_proj"] if opts.expert_lora else [])
         adapter.write_text(json.dumps({"r": opts.lora_r, "lora_alpha": 2 * opts.lora_r, "lora_dropout": 0.0,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen_sft.model.checkpoint import in_experts
 from qwen_sft.trace.build import Built, build_model, warm_bitsandbytes
 from qwen_sft.trace.shadow import ShadowMode
 from qwen_sft.trace.step import StepPlan, StepResult, run_step
@@ -39,7 +40,7 @@ def component(name: str) -> str:
         return "weights: attention (q/k/v/o)"
     if ".linear_attn." in name and "_proj" in name:  # qwen3_next's Gated DeltaNet projections
         return "weights: Gated DeltaNet (in_proj_qkvz/ba, out_proj)"
-    if ".mlp.experts" in name:
+    if in_experts(name):
         return "weights: routed experts"
     if ".mlp.shared_expert." in name:  # qwen3_next (shared_expert_gate, 1 row, stays with the routers)
         return "weights: shared expert"

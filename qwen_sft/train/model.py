@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG, EXPERTS, in_experts
 from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as EXPERT_PARAMS
 from qwen_sft.model.checkpoint import FUSED_OF as EXPERT_NAME_MAP  # seed (v4) expert names → fused v5 param
 from qwen_sft.model.load import NOT_QUANTIZED, Quantization, expert_memory_gib, load_causal_lm, mark_moe_leaf_modules  # noqa: F401  (re-exported)
@@ -111,10 +112,10 @@ def lora_config_file(path: str) -> Path:
     """``peft_config_path`` as ``PeftConfig.from_pretrained`` takes it: a folder holding adapter_config.json,
     or the file itself."""
     p = Path(path)
-    file = p / "adapter_config.json" if p.is_dir() else p
+    file = p / ADAPTER_CONFIG if p.is_dir() else p
     if not file.is_file():
-        what = "holds no adapter_config.json" if p.is_dir() else "no such file or directory"
-        raise FileNotFoundError(f"peft_config_path={path}: {what} (give a folder with adapter_config.json, "
+        what = f"holds no {ADAPTER_CONFIG}" if p.is_dir() else "no such file or directory"
+        raise FileNotFoundError(f"peft_config_path={path}: {what} (give a folder with {ADAPTER_CONFIG}, "
                                 f"e.g. configs/lora, or the file itself)")
     return file
 
@@ -136,17 +137,17 @@ def lora_targets(model, names: list[str]) -> tuple[list[str], list[str]]:
     """Split adapter target names into Linear module names and fused expert parameter paths."""
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     linear |= {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
-    fused = {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".mlp.experts." in n}
+    fused = {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters() if in_experts(n)}
     modules, params = [], []
     for name in names:
         if name in linear:
             modules.append(name)
             if name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
-                params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")  # qwen3_next: shared expert + routed
+                params.append(f"{EXPERTS}.{EXPERT_NAME_MAP[name]}")  # qwen3_next: shared expert + routed
         elif name in EXPERT_NAME_MAP and EXPERT_NAME_MAP[name] in fused:
-            params.append(f"mlp.experts.{EXPERT_NAME_MAP[name]}")
+            params.append(f"{EXPERTS}.{EXPERT_NAME_MAP[name]}")
         elif name in fused:
-            params.append(f"mlp.experts.{name}")
+            params.append(f"{EXPERTS}.{name}")
         else:
             modules.append(name)  # peft reports names that match nothing
     return modules, sorted(set(params))
@@ -255,7 +256,7 @@ def freeze_router(model, train_router: bool) -> None:
 def parameter_group(name: str) -> str:
     if ".self_attn." in name or ".linear_attn." in name:  # linear_attn: qwen3_next's Gated DeltaNet
         return "attention"
-    if ".mlp.experts." in name or ".mlp.experts" in name.rsplit(".", 2)[0]:
+    if in_experts(name):
         return "experts"
     if ".mlp.gate." in name:
         return "router"
@@ -271,7 +272,7 @@ def parameter_groups(model) -> dict[str, dict[str, int]]:
         numel = getattr(p, "ds_numel", p.numel())
         if type(p).__name__ == "Params4bit" or name.endswith("_base.packed"):
             n = numel * p.element_size() * 2
-        elif ".mlp.experts." in name and "_base." in name and not name.endswith("_base.weight"):
+        elif in_experts(name) and "_base." in name and not name.endswith("_base.weight"):
             n = 0  # the engine's NF4 scales (absmax, ...): storage, not weights
         else:
             n = numel

@@ -224,10 +224,11 @@ class SFTTrainer(Trainer):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        from qwen_sft.model.checkpoint import ADAPTER_WEIGHTS, in_experts
         from qwen_sft.moe import load_expert_adapter
 
-        state = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, {k: v for k, v in state.items() if ".mlp.experts." not in k})
+        state = load_file(str(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS))
+        result = set_peft_model_state_dict(model, {k: v for k, v in state.items() if not in_experts(k)})
         unexpected = list(result.unexpected_keys)
         if unexpected:
             raise ValueError(f"{resume_from_checkpoint}: adapter tensors match nothing in the model: {unexpected[:3]}")

@@ -24,6 +24,8 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
+from qwen_sft.model.checkpoint import in_experts
+
 _TRUE, _FALSE = {"true", "yes", "y", "t", "1"}, {"false", "no", "n", "f", "0"}
 _INT = re.compile(r"[+-]?\d+")
 
@@ -279,7 +281,7 @@ def target_problems(lora: dict, modules: frozenset[str], params: frozenset[str],
         if not any(re.fullmatch(targets, m) for m in modules):
             return [f"{where}: target_modules regex {targets!r} matches no module of the model"]
         return []
-    fused = {p.rsplit(".", 1)[-1] for p in params if ".mlp.experts." in p}
+    fused = {p.rsplit(".", 1)[-1] for p in params if in_experts(p)}
     unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)
                  and not (t in EXPERT_NAME_MAP and EXPERT_NAME_MAP[t] in fused) and t not in fused]
     unmatched += [t for t in lora.get("target_parameters") or [] if not any(p.endswith(t) for p in params)]

@@ -1,7 +1,7 @@
 """Tokenization speed and memory: this pipeline vs the seed's turn-by-turn recipe vs raw HF batch encode.
 
-    python bench/tokenize.py                       # 20,000 conversations, workers 1 and 2, RSS at 1x and 10x
-    python bench/tokenize.py --n 2000 --no-rss     # quick look
+    python bench/tokenize_speed.py                       # 20,000 conversations, workers 1 and 2, RSS at 1x and 10x
+    python bench/tokenize_speed.py --n 2000 --no-rss     # quick look
 
 All three paths run in this one process on the same generated multi-turn code conversations:
   (a) qwen-sft: read → render with the chat template → tokenize → labels → write (tokenize_chatml_file);
@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# This file's name shadows the standard library's `tokenize` (which transformers imports) while bench/ is
-# first on sys.path; run from the repository root's view instead.
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))  # run as a script (bench/ first on sys.path): the repository root, uninstalled
 
 WORDS = ("parse", "load", "config", "user", "token", "cache", "result", "items", "path", "value", "index", "batch",
          "model", "record", "buffer", "stream", "retry", "limit", "offset", "count")
