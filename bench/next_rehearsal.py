@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from qwen_sft.model.checkpoint import ADAPTER_CONFIG
+
 GiB = 2**30
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DELTANET = ["in_proj_qkvz", "in_proj_ba", "out_proj"]
@@ -66,7 +68,7 @@ def run_setting(config, opts: dict[str, str], seq: int, tmp: Path):
     from qwen_sft.trace import StepPlan, measure
     from qwen_sft.train.args import ModelArguments
 
-    adapter = tmp / "adapter_config.json"
+    adapter = tmp / ADAPTER_CONFIG
     adapter.write_text(json.dumps(adapter_config(opts)))
     model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
                                 lora_dtype=opts["lora_dtype"])
@@ -85,7 +87,7 @@ def run_block(config, opts: dict[str, str], seq: int, tmp: Path) -> dict:
     from qwen_sft.trace.run import trace
     from qwen_sft.train.args import ModelArguments
 
-    adapter = tmp / "adapter_config.json"
+    adapter = tmp / ADAPTER_CONFIG
     adapter.write_text(json.dumps(adapter_config(opts)))
     model_args = ModelArguments(model_name_or_path="trace", use_qlora=True, peft_config_path=str(adapter),
                                 lora_dtype=opts["lora_dtype"])

@@ -19,9 +19,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = "qwen_sft/samples/"
 CHECKPOINT = "qwen_sft/model/checkpoint.py"
-# Files whose expert and file-name literals wait for work in flight on another branch (qwen3_next GGUF mapping,
-# the Next rehearsal); the other checkpoint rules still apply to them. Drop an entry once that work has landed.
-IN_FLIGHT = {"bench/next_rehearsal.py"}
 CHECKPOINT_FILES = {"adapter_config.json": "ADAPTER_CONFIG", "adapter_model.safetensors": "ADAPTER_WEIGHTS",
                     "model.safetensors": "SINGLE_FILE"}
 # Names the checkpoint contract defines; a second assignment of one is a second copy of the value.
@@ -99,8 +96,6 @@ def _checkpoint(path, tree):
             yield "peft's key prefix by hand: use PEFT_PREFIX / lora_key / split_lora_key", node
         if "base_layer.lora_" in text:
             yield "peft's nesting of expert LoRA by hand: use lora_key with expert_lora_depth / expert_lora_param", node
-        if path in IN_FLIGHT:
-            continue
         if text.strip("./") in CHECKPOINT_FILES:
             yield f"{text.strip('./')} named by hand: use {CHECKPOINT_FILES[text.strip('./')]}", node
         if re.fullmatch(r"\.?mlp\.experts(\.(gate_up_proj|down_proj))?\.?", text):
