@@ -55,17 +55,12 @@ CHECK_TEXT = (
     "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make "
     "it, 'D you like some tea? We'Ve a'lL"
 )
-# HF name -> llama.cpp name (gguf.constants.TENSOR_NAMES for MODEL_ARCH.QWEN3MOE); {bid} = layer.
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
+# HF name -> llama.cpp name (gguf.constants.TENSOR_NAMES for MODEL_ARCH.QWEN3MOE); {bid} = layer. The global
+# tensors and the attention block are named alike in llama.cpp's qwen3moe and qwen3next.
+GLOBAL_NAMES = gguf_next.GLOBAL_NAMES
 LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    **gguf_next.ATTENTION_NAMES,
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
