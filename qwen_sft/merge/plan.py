@@ -178,9 +178,7 @@ def _plan_experts(adapter: Adapter, base: BaseCheckpoint, pair, plan: dict[str, 
                 f"target_parameters, but lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are shaped for {fit[0]} "
                 "(an adapter not written by peft or qwen-sft?)"]
     parts = gate_up_rows(inter) if param == "gate_up_proj" else [("down_proj", None)]
-    problems: list[str] = []
-    scaling, bad = _scaling(adapter.config, f"{module}.{param}", A.shape[0] // E)
-    problems += bad
+    scaling, problems = _scaling(adapter.config, f"{module}.{param}", A.shape[0] // E)
     A, B = expert_factors(A, B, E)  # once per pair, not once per expert tensor
     for e in range(E):
         for proj, rows in parts:

@@ -287,6 +287,7 @@ def _options(options: TokenizeOptions | None, fields: dict[str, Any]) -> Tokeniz
 def _progress_bar(src: Path, enabled: bool):
     from qwen_sft.progress import progress_bar
 
-    return progress_bar(desc=f"tokenize {src.name}", unit=" rec", disable=not enabled or not sys.stderr.isatty(),
+    # disable=None: progress_bar's own rule, a bar only on a terminal
+    return progress_bar(desc=f"tokenize {src.name}", unit=" rec", disable=None if enabled else True,
                         file=sys.stderr, mininterval=1.0)
 
