@@ -34,8 +34,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from qwen_sft.merge.adapter import MergeError, read_adapter_config
 from qwen_sft.merge.plan import _scaling
@@ -52,6 +51,9 @@ from qwen_sft.model.checkpoint import (
     split_lora_key,
 )
 from qwen_sft.model.checkpoint import FUSED_EXPERT_PARAMS as FUSED_PARAMS
+
+if TYPE_CHECKING:  # torch loads only when an export runs, not for --help
+    import torch
 
 # Config keys copied as they are; everything about ranks and targets is rewritten.
 KEEP_CONFIG = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "bias", "fan_in_fan_out",
@@ -187,6 +189,8 @@ def _plan(cfg: dict, linear: list[_Pair], fused: dict[str, tuple[_Pair, _Pair]])
 
 def _pad(A: torch.Tensor, B: torch.Tensor, R: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A [r, in] -> [R, in] with zero rows, B [out, r] -> [out, R] with zero columns (B·A unchanged)."""
+    import torch
+
     r = A.shape[0]
     if scale is not None:
         B = (B.float() * scale).to(B.dtype)
@@ -200,6 +204,7 @@ def _pad(A: torch.Tensor, B: torch.Tensor, R: int, scale: float | None) -> tuple
 
 def export_vllm_adapter(adapter_dir: str | Path, out_dir: str | Path) -> ExportReport:
     """Write the per-expert, uniform-rank adapter for vLLM into ``out_dir`` (atomically); returns what was written."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     from qwen_sft.atomic import atomic_dir
