@@ -187,7 +187,8 @@ def _verify(base: BaseCheckpoint, adapter: Adapter, merged: Path, opts: MergeOpt
     r = verify_merge(base.path, adapter.path, merged, merged, opts.verify_device, opts.verify_atol, opts.verify_rtol)
     print(f"verify: max |Δlogit| merged vs base+adapter = {r.max_abs_diff:.4g} over {r.tokens} positions, "
           f"p90 {r.p90_abs_diff:.4g} (tolerance {r.tolerance:.4g} for p90, {FLIP_FACTOR * r.tolerance:.4g} for max; "
-          f"max |logit| {r.max_abs_logit:.4g}; adapter effect {r.adapter_effect:.4g})")
+          f"max |logit| {r.max_abs_logit:.4g}; adapter effect {r.adapter_effect:.4g}; "
+          f"bf16 floor {'not measured' if r.bf16_floor is None else f'{r.bf16_floor:.4g}'}: peft's own merge, p90)")
     if not r.passed:
         raise MergeError(f"verification failed for {adapter.path}: max |Δlogit| {r.max_abs_diff:.4g}, p90 "
                          f"{r.p90_abs_diff:.4g}, tolerance {r.tolerance:.4g}. The merged weights do not reproduce "
