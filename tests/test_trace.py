@@ -112,6 +112,23 @@ def test_layer_fit_equals_full_trace():
     assert extrapolate_static(a.static, 2, b.static, 4, 9) == full.static
 
 
+def test_offloaded_layer_inputs_are_counted_on_the_host_at_their_peak():
+    """With checkpoint offload the saved layer inputs leave the GPU: the host's bytes are its peak during the step
+    (every layer's input held at once before backward; zero again once backward is done), not what is left at the
+    end, and the layer fit extrapolates them like any row."""
+    from qwen_sft.trace.report import extrapolate
+    from qwen_sft.trace.step import chunked_loss, offloaded
+
+    plan = StepPlan(seq=64, loss_fn=offloaded(chunked_loss(32)))
+    a, b, full = (trace(_tiny(n), model_args(True), plan=plan, gradient_checkpointing=True) for n in (2, 4, 9))
+    host = full.result.host_bytes
+    assert sum(host.values()) >= 9 * 64 * 64 * 4  # at least 9 fp32 layer inputs [64 tokens, hidden 64]
+    assert extrapolate(a.result, 2, b.result, 4, 9).host_bytes == host
+    kept = trace(_tiny(9), model_args(True), plan=StepPlan(seq=64, loss_fn=chunked_loss(32)), gradient_checkpointing=True)
+    assert sum(kept.result.host_bytes.values()) == 0
+    assert kept.result.breakdown["activations (layers)"] > full.result.breakdown["activations (layers)"]
+
+
 NEXT_ADAPTER = str(REPO / "configs/lora/qwen3_next_adapter_config.json")
 
 

@@ -77,6 +77,7 @@ def extrapolate(a: StepResult, la: int, b: StepResult, lb: int, layers: int) -> 
                    breakdown={c: lin(a.breakdown.get(c, 0), b.breakdown.get(c, 0)) for c in keys},
                    phase_peaks={p: lin(a.phase_peaks.get(p, 0), v) for p, v in b.phase_peaks.items()},
                    start_bytes=lin(a.start_bytes, b.start_bytes), flops=lin(a.flops, b.flops),
+                   host_bytes={d: lin(a.host_bytes.get(d, 0), v) for d, v in b.host_bytes.items()},
                    seconds=a.seconds + b.seconds)
 
 
@@ -185,7 +186,7 @@ def render(report: Report, header: list[str], formula=None, checkpointing: bool 
     lines += [f"{'total to plan for per GPU':<50}{_g(report.planned)}  "
               f"({report.planned / 1e9:.1f} GB)"]
     if report.host_bytes:
-        lines.append(f"{'held in host memory (offloaded)':<50}{_g(report.host_bytes)}")
+        lines.append(f"{'host memory at its peak (offloaded)':<50}{_g(report.host_bytes)}")
     if report.flops:
         ff = f"; formula {formula.flops / 1e12:.1f} TFLOP, ratio {report.flops / formula.flops:.2f}" \
             if formula is not None and formula.flops and checkpointing else ""

@@ -107,7 +107,7 @@ class StepResult:
     flops: int
     tokens: int
     seconds: float
-    host_bytes: dict[str, int] = field(default_factory=dict)
+    host_bytes: dict[str, int] = field(default_factory=dict)  # per other device (the host), the most held at once
     phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
@@ -232,5 +232,5 @@ def run_step(built: Built, plan: StepPlan, optimizer: torch.optim.Optimizer, *, 
     flops = counter.get_total_flops() if plan.count_flops else 0
     return StepResult(peak_bytes=tracker.peak_bytes, breakdown=tracker.peak_breakdown, peak_phase=tracker.peak_phase,
                       phase_peaks=dict(tracker.phase_peaks), start_bytes=tracker.start_bytes, flops=flops,
-                      tokens=int(batch["input_ids"].numel()), seconds=seconds, host_bytes=dict(tracker.other_devices),
+                      tokens=int(batch["input_ids"].numel()), seconds=seconds, host_bytes=dict(tracker.other_peaks),
                       phase_breakdowns=tracker.phase_breakdowns)

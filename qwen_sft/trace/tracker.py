@@ -92,6 +92,7 @@ class PeakTracker(MemTracker):
         self.phase_breakdowns: dict[str, dict[str, int]] = {}
         self.start_bytes = 0
         self.other_devices: dict[str, int] = {}  # e.g. activations offloaded to the host ("meta" in a trace)
+        self.other_peaks: dict[str, int] = {}  # the most each of those devices held at once during the step
         self._trainable: weakref.WeakSet = weakref.WeakSet()
 
     # --- labelling -------------------------------------------------------------------------------------
@@ -138,6 +139,7 @@ class PeakTracker(MemTracker):
             delta = {_UpdateType.ADD: winfo.mem_consumed, _UpdateType.DEL: -winfo.mem_consumed,
                      _UpdateType.SIZE: winfo.mem_consumed - (old_mem_consumed or 0)}.get(u_type, 0)
             self.other_devices[key] = self.other_devices.get(key, 0) + delta
+            self.other_peaks[key] = max(self.other_peaks.get(key, 0), self.other_devices[key])
             return
         if u_type == _UpdateType.ADD:
             self.live[winfo.category] += winfo.mem_consumed
