@@ -176,6 +176,12 @@ def test_qlora_loader_matches_bitsandbytes_and_quantizes_shared_expert(next_dir)
     assert kinds["model.layers.1.self_attn.o_proj"] == "Linear4bit"
     assert kinds["model.layers.0.mlp.shared_expert_gate"] == "Linear" and kinds["lm_head"] == "Linear"
     assert not quantized_linear("model.layers.0.mlp.experts.3.gate_proj")
+    # On a CPU with AVX512-BF16, bitsandbytes' eval-mode Linear4bit repacks its weight for a CPU kernel that asserts
+    # out_features % 32 == 0, which the tiny Gated DeltaNet's in_proj_ba (8 rows) does not meet: keep both models
+    # on the generic 4-bit path, the same kernel for both, so the comparison stays bit for bit.
+    for m in (*ours.modules(), *ref.modules()):
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         assert torch.equal(ours(input_ids=IDS, use_cache=False).logits, ref(input_ids=IDS, use_cache=False).logits)
 
